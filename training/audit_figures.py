@@ -1,0 +1,105 @@
+"""Figures for the data audit: what a reviewer would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from training.data import Dataset  # noqa: E402
+
+CONTACT_SHEET_MAX = 48
+
+
+def _class_distribution(document: dict, path: Path) -> None:
+    classes = document["classes"]
+    splits = list(document["counts"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(classes), 1)
+    for k, label in enumerate(classes):
+        values = [document["counts"][s][label] for s in splits]
+        positions = np.arange(len(splits)) + k * width
+        bars = ax.bar(positions, values, width, label=label)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(np.arange(len(splits)) + width * (len(classes) - 1) / 2, splits)
+    ax.set_ylabel("images")
+    ax.set_title("Class distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _resolution_histogram(dataset: Dataset, scans, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_source: dict[str, list[int]] = {}
+    for record, scan in zip(dataset.records, scans):
+        if scan.flags is not None:
+            by_source.setdefault(record.source, []).append(
+                min(scan.flags.original_width, scan.flags.original_height)
+            )
+    bins = np.linspace(0, max((max(v) for v in by_source.values()), default=1), 40)
+    for source, values in sorted(by_source.items()):
+        ax.hist(values, bins=bins, alpha=0.5, label=f"{source} (n={len(values)})")
+    ax.set_xlabel("shorter side of the stored image (px)")
+    ax.set_ylabel("images")
+    ax.set_title("Resolution by source (a shortcut risk when it differs by class)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _intensity_by_class(dataset: Dataset, scans, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label in dataset.classes:
+        flags = [s.flags for r, s in zip(dataset.records, scans) if r.label == label and s.flags is not None]
+        axes[0].hist([f.mean_intensity for f in flags], bins=40, alpha=0.5, label=label)
+        axes[1].hist([f.std_intensity for f in flags], bins=40, alpha=0.5, label=label)
+    axes[0].set_xlabel("mean intensity (content region)")
+    axes[1].set_xlabel("intensity std (content region)")
+    for ax in axes:
+        ax.set_ylabel("images")
+        ax.legend()
+    fig.suptitle("Intensity distribution per class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _contact_sheet(document: dict, dataset: Dataset, path: Path) -> None:
+    flagged = document["flagged_files"][:CONTACT_SHEET_MAX]
+    if not flagged:
+        return
+    columns = 8
+    rows = int(np.ceil(len(flagged) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, flagged):
+        try:
+            with Image.open(dataset.root / item["relpath"]) as image:
+                image.thumbnail((128, 128))
+                ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
+        except Exception:  # undecodable files are exactly what this sheet lists
+            ax.text(0.5, 0.5, "undecodable", ha="center", va="center")
+        ax.set_title("\n".join(item["flags"][:2]), fontsize=6)
+    fig.suptitle(f"Flagged images (first {len(flagged)} of {len(document['flagged_files'])})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_audit_figures(document: dict, dataset: Dataset, scans, out: Path) -> list[str]:
+    """Write the audit's PNG figures into ``out``; returns their file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    _class_distribution(document, out / "class_distribution.png")
+    _resolution_histogram(dataset, scans, out / "resolution_by_source.png")
+    _intensity_by_class(dataset, scans, out / "intensity_by_class.png")
+    _contact_sheet(document, dataset, out / "flagged_contact_sheet.png")
+    return sorted(p.name for p in out.glob("*.png"))
