@@ -51,3 +51,29 @@ def make_subset(data_dir: Path, target: Path, per_class: dict[str, int], splits=
 def sample_image(data_dir: Path) -> Path:
     """A real adult tuberculosis radiograph with no black border of its own."""
     return first_images(data_dir, "test", "tuberculosis", 1)[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend) for the whole test session."""
+    from training.mlflow_server import start_server
+
+    server = start_server(tmp_path_factory.mktemp("mlflow"), free_port())
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.url
+    try:
+        yield server
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

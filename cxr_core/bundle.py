@@ -1,0 +1,220 @@
+"""The model bundle: a directory that holds everything serving needs, validated on load.
+
+Training writes it; serving, evaluation, triage and monitoring only read it. Like a MONAI bundle
+or torchxrayvision's weights table, the operating point (temperature, policy thresholds) ships
+with the weights, so a model can never be served with another model's thresholds.
+
+Layout::
+
+    bundle.json      BundleManifest (schema_version, model spec, classes, preprocess, temperature,
+                     fitted policy, metrics, provenance, reference profile)
+    weights.pt       torch state dict            (neural families)
+    model.joblib     fitted scikit-learn model   (HOG families)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cxr_core.calibration import softmax
+from cxr_core.errors import InputError
+from cxr_core.hog import HogConfig, hog_features
+from cxr_core.models import create_model
+from cxr_core.policy import Decision, FittedPolicy
+from cxr_core.preprocess import PreprocessConfig, QualityFlags, pixels_to_tensor, prepare_image
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+TORCH_WEIGHTS = "weights.pt"
+SKLEARN_MODEL = "model.joblib"
+
+
+class UnsupportedBundleError(ValueError):
+    """The bundle was written by a schema this code does not understand."""
+
+
+class ModelSpec(BaseModel):
+    """How to rebuild the model: registry name + kwargs (neural) or HOG config (classical)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["torch", "sklearn_hog"]
+    name: str = Field(description="registry name (cnn3, efficientnet_lite0...) or hog_<classifier>")
+    kwargs: dict[str, Any] = {}
+    training_mode: Literal["scratch", "probe", "finetune", "classical"]
+    hog: HogConfig | None = None
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data_dir: str = ""
+    data_manifest_sha256: str | None = None
+    git_commit: str = "unknown"
+    mlflow_run_id: str | None = None
+    created_at: str = ""
+    packages: dict[str, str] = {}
+    train_config: dict[str, Any] = {}
+    seed: int | None = None
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSpec
+    classes: list[str]
+    preprocess: PreprocessConfig
+    temperature: float = Field(1.0, gt=0)
+    policy: FittedPolicy
+    metrics: dict[str, Any] = {}
+    provenance: Provenance = Provenance()
+    reference_profile: dict[str, Any] | None = Field(None, description="drift reference (monitoring)")
+
+
+class Prediction(BaseModel):
+    """One image's answer, in the shared vocabulary every protocol translates."""
+
+    classes: list[str]
+    probabilities_raw: dict[str, float]
+    probabilities: dict[str, float] = Field(description="calibrated (temperature-scaled)")
+    decision: Decision
+    quality: QualityFlags
+
+
+def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
+                 batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) uint8 prepared pixels -> (N, C) logits, for a torch model or a HOG classifier.
+
+    The one place that turns prepared pixels into model outputs: training's validation and test
+    predictions and serving's predictions both come through here.
+    """
+    pixels = np.asarray(pixels)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        with torch.inference_mode():
+            chunks = [model(pixels_to_tensor(pixels[i : i + batch_size], preprocess)).float()
+                      for i in range(0, len(pixels), batch_size)]
+        return torch.cat(chunks).numpy()
+    if hog is None:
+        raise ValueError("a HOG classifier needs its HogConfig")
+    probs = model.predict_proba(hog_features(pixels, hog))
+    return np.log(np.clip(probs, 1e-7, 1.0))
+
+
+@dataclass
+class Predictor:
+    """A loaded bundle: preprocessing, model, temperature and policy behind one call."""
+
+    manifest: BundleManifest
+    torch_model: torch.nn.Module | None = None
+    sklearn_model: Any = None
+    path: Path | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W) uint8 prepared pixels -> (N, C) logits."""
+        return model_logits(self.torch_model or self.sklearn_model, pixels, self.manifest.preprocess,
+                            self.manifest.model.hog)
+
+    def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw and calibrated probabilities of a logits matrix."""
+        return softmax(logits, 1.0), softmax(logits, self.manifest.temperature)
+
+    def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags]) -> list[Prediction]:
+        raw, calibrated = self.probabilities(self.logits_from_pixels(pixels))
+        results = []
+        for row_raw, row_cal, quality in zip(raw, calibrated, flags):
+            concern = quality.underexposed or quality.overexposed or quality.low_contrast
+            results.append(
+                Prediction(
+                    classes=self.classes,
+                    probabilities_raw={c: float(p) for c, p in zip(self.classes, row_raw)},
+                    probabilities={c: float(p) for c, p in zip(self.classes, row_cal)},
+                    decision=self.manifest.policy.decide(row_cal, quality_concern=concern),
+                    quality=quality,
+                )
+            )
+        return results
+
+    def predict_bytes(self, data: bytes) -> Prediction:
+        """Bytes -> Prediction; raises :class:`InputError` for bad input."""
+        prepared = prepare_image(data, self.manifest.preprocess)
+        return self.predict_prepared(prepared.pixels[None], [prepared.flags])[0]
+
+    def predict_many(self, items: list[bytes]) -> list[Prediction | InputError]:
+        """Batch prediction; a bad item yields its error in place, the others still run."""
+        prepared, slots = [], []
+        results: list[Prediction | InputError | None] = [None] * len(items)
+        for position, data in enumerate(items):
+            try:
+                prepared.append(prepare_image(data, self.manifest.preprocess))
+                slots.append(position)
+            except InputError as error:
+                results[position] = error
+        if prepared:
+            predictions = self.predict_prepared(np.stack([p.pixels for p in prepared]), [p.flags for p in prepared])
+            for position, prediction in zip(slots, predictions):
+                results[position] = prediction
+        return results  # type: ignore[return-value]
+
+
+def save_bundle(path: Path | str, manifest: BundleManifest, torch_model: torch.nn.Module | None = None,
+                sklearn_model: Any = None) -> Path:
+    """Write a bundle directory (manifest + weights)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if manifest.model.kind == "torch":
+        if torch_model is None:
+            raise ValueError("a torch bundle needs torch_model")
+        torch.save(torch_model.state_dict(), path / TORCH_WEIGHTS)
+    else:
+        import joblib
+
+        if sklearn_model is None:
+            raise ValueError("a HOG bundle needs sklearn_model")
+        joblib.dump(sklearn_model, path / SKLEARN_MODEL)
+    (path / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n")
+    return path
+
+
+def read_manifest(path: Path | str) -> BundleManifest:
+    """Parse and validate ``bundle.json``; refuses unknown schema versions with a clear message."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{path} is not a cxr-screen bundle (no {MANIFEST_NAME})")
+    payload = json.loads(manifest_path.read_text())
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UnsupportedBundleError(
+            f"bundle {path} has schema_version {version!r}; this cxr-screen understands {SCHEMA_VERSION}. "
+            "Re-export the model with a matching cxr-screen version."
+        )
+    return BundleManifest.model_validate(payload)
+
+
+def load_bundle(path: Path | str) -> Predictor:
+    """Load a bundle directory into a :class:`Predictor` (eval mode, CPU)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.model.kind == "torch":
+        model = create_model(manifest.model.name, len(manifest.classes), **manifest.model.kwargs)
+        model.load_state_dict(torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True))
+        model.eval()
+        return Predictor(manifest=manifest, torch_model=model, path=path)
+    import joblib
+
+    return Predictor(manifest=manifest, sklearn_model=joblib.load(path / SKLEARN_MODEL), path=path)

@@ -1,0 +1,142 @@
+"""Typed training configuration, loaded from YAML (``configs/train/*.yaml``).
+
+Validated once at the edge; the training code below trusts it. The whole config is logged to
+MLflow and stored in the bundle's provenance, so every model says how it was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cxr_core.hog import HogConfig
+from cxr_core.policy import PolicyConfig
+from cxr_core.preprocess import PreprocessConfig
+
+TrainingMode = Literal["scratch", "probe", "finetune", "classical"]
+CLASSICAL_MODELS = ("hog_logreg", "hog_mlp", "hog_rf")
+
+
+class AugmentConfig(BaseModel):
+    """On-the-fly augmentation of cached uint8 pixels (training split only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    rotation_degrees: float = Field(7.0, ge=0, le=30)
+    brightness: float = Field(0.1, ge=0, le=0.5, description="max additive shift, fraction of full scale")
+    contrast: float = Field(0.1, ge=0, le=0.5, description="max multiplicative change around the mean")
+    blur_probability: float = Field(0.1, ge=0, le=1)
+    blur_sigma: float = Field(1.0, gt=0)
+    clahe_probability: float = Field(0.0, ge=0, le=1, description="probabilistic CLAHE")
+    downscale_probability: float = Field(0.0, ge=0, le=1, description="down-and-up resampling (hides resolution)")
+    downscale_min: float = Field(0.35, gt=0, lt=1, description="smallest resampling factor")
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr_multiplier: float = Field(0.1, gt=0, le=1, description="fine-tune: backbone lr = lr x this")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class ClassicalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hog: HogConfig = HogConfig()
+    c: float = Field(1.0, gt=0, description="inverse regularisation (logistic regression)")
+    hidden: int = Field(128, ge=4, description="MLP hidden units")
+    n_estimators: int = Field(300, ge=10, description="random forest trees")
+
+
+class SubsetConfig(BaseModel):
+    """Seeded per-class sampling, for tests and quick sweeps; None = the full split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: int | None = None
+    val: int | None = None
+    test: int | None = None
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_name: str = "train"
+    model: str = Field("cnn3", description="registry name (cnn3, efficientnet_lite0, resnet18...) or hog_*")
+    mode: TrainingMode = "scratch"
+    model_kwargs: dict[str, Any] = {}
+    pretrained: bool = False
+    weights_path: str | None = None
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    optim: OptimConfig = OptimConfig()
+    classical: ClassicalConfig = ClassicalConfig()
+    policy: PolicyConfig = PolicyConfig()
+    subset: SubsetConfig = SubsetConfig()
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    label_smoothing: float = Field(0.05, ge=0, lt=0.5)
+    class_weighted_loss: bool = True
+    weighted_sampler: bool = False
+    source_balanced_sampler: bool = False
+    patience: int = Field(4, ge=1, description="early stopping: epochs without val macro-F1 gain")
+    unfreeze_every: int = Field(1, ge=1, description="fine-tune: epochs between unfreezing backbone stages")
+    probe_epochs: int = Field(300, ge=1, description="linear probe head: full-batch steps")
+    seed: int = 20240611
+    num_threads: int = Field(2, ge=1)
+    n_bootstrap: int = Field(1000, ge=0)
+    exclusions: str | None = Field("reports/audit/exclusions.json", description="audit exclusion list")
+    figures: bool = True
+    experiment: str = "cxr-screen"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model in CLASSICAL_MODELS and self.mode != "classical":
+            raise ValueError(f"{self.model} is a classical model: set mode: classical")
+        if self.mode == "classical" and self.model not in CLASSICAL_MODELS:
+            raise ValueError(f"mode classical needs one of {CLASSICAL_MODELS}")
+        if self.mode == "probe" and self.model == "cnn3":
+            raise ValueError("a linear probe needs a backbone with learned features, not cnn3")
+        return self
+
+    @property
+    def family(self) -> str:
+        """Model family name as reported (e.g. efficientnet_lite0-probe)."""
+        return self.model if self.mode in ("scratch", "classical") else f"{self.model}-{self.mode}"
+
+    @classmethod
+    def from_yaml(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        payload = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(deep_merge(payload, overrides or {}))
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``a.b=value`` command-line overrides (values parsed as YAML) -> nested dict."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if not key or not _:
+            raise ValueError(f"override {item!r} is not key=value")
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return result
