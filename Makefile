@@ -9,7 +9,15 @@ DATA_DIR ?= ../shared/data/cxr3
 REPORTS ?= reports
 export DATA_DIR
 
-.PHONY: help install lock test demo audit bench-data clean
+MODEL ?= cnn3
+MLFLOW_PORT ?= 5000
+MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+export MLFLOW_TRACKING_URI
+
+SWEEP_BUDGET ?= small
+export SWEEP_BUDGET
+
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -37,6 +45,37 @@ audit: install ## data audit: flags, duplicates, exclusions, figures -> reports/
 
 bench-data: install ## images/s of the data pipeline with and without the preprocessed cache
 	$(PY) -m training.bench_data --data-dir $(DATA_DIR) --out $(REPORTS)/bench/data.json
+
+mlflow: install ## start the local MLflow server (SQLite + local artifacts) on 127.0.0.1:$(MLFLOW_PORT)
+	@if [ "$(MLFLOW_TRACKING_URI)" = "http://127.0.0.1:$(MLFLOW_PORT)" ]; then \
+		$(PY) -m training.mlflow_server start --port $(MLFLOW_PORT); \
+	else echo "mlflow: using MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"; fi
+
+stop: ## stop the local services started by make (MLflow, serving)
+	-$(PY) -m training.mlflow_server stop
+
+train: mlflow ## train one family: make train MODEL=cnn3 (configs/train/$(MODEL).yaml)
+	$(PY) -m training.train --config configs/train/$(MODEL).yaml --data-dir $(DATA_DIR)
+
+train-all: mlflow ## every family on the full data -> reports/train-all/summary.{json,md}
+	$(PY) -m training.train_all --data-dir $(DATA_DIR) --out $(REPORTS)/train-all
+
+sweep: mlflow ## Ray Tune sweep (SWEEP_BUDGET=small|full) -> registered champion, reports/sweep/leaderboard.{json,md}
+	$(PY) -m training.sweep --budget $(SWEEP_BUDGET) --data-dir $(DATA_DIR) --report-dir $(REPORTS)/sweep
+
+champion: mlflow ## run a small sweep only if no champion is registered yet
+	@$(PY) -c "from training.registry import alias_version; import sys; sys.exit(0 if alias_version('champion') else 1)" \
+		&& echo "champion: models:/cxr-screen@champion exists" \
+		|| $(PY) -m training.sweep --budget small --data-dir $(DATA_DIR) --report-dir runs/sweep-report
+
+promote: mlflow ## make promote VERSION=n: champion -> n, old champion -> previous
+	$(PY) -m training.registry promote --version $(VERSION)
+
+rollback: mlflow ## swap champion and previous
+	$(PY) -m training.registry rollback
+
+registry: mlflow ## show registered versions and aliases
+	$(PY) -m training.registry show
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from cxr_core.preprocess import PreprocessConfig, prepare_image
 
-DEFAULT_CACHE_ROOT = Path(os.environ.get("CXR_CACHE_DIR", ".cache/preprocessed"))
+CACHE_ROOT = Path(os.environ.get("CXR_CACHE_DIR", ".cache"))
+DEFAULT_CACHE_ROOT = CACHE_ROOT / "preprocessed"
 
 
 class PreprocessedCache:

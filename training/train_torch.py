@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from cxr_core.models import create_model
 from cxr_core.preprocess import pixels_to_tensor
+from training.cache import CACHE_ROOT
 from training.config import TrainConfig
 from training.datasets import PixelDataset, SplitArrays
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-FEATURE_CACHE = Path(".cache/features")
+FEATURE_CACHE = CACHE_ROOT / "features"
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""A small real Ray Tune sweep registers a champion in a real MLflow registry."""
+
+import json
+
+import mlflow
+import pytest
+
+from cxr_core.bundle import load_bundle
+from training import registry
+from training.sweep import REPO_ROOT, run_sweep
+
+FAST = {
+    "subset": {"train": 20, "val": 15, "test": 15},
+    "preprocess": {"image_size": 64},
+    "epochs": 2,
+    "n_bootstrap": 20,
+    "figures": False,
+    "exclusions": None,
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(data_dir, mlflow_server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    document = run_sweep("small", data_dir, out / "storage", REPO_ROOT / "configs" / "sweep.yaml", FAST,
+                         experiment="test-sweep", report_dir=out / "reports")
+    return document, out
+
+
+def test_every_trial_is_an_mlflow_run_under_the_sweep(sweep, mlflow_server):
+    document, out = sweep
+    families = {row["family"] for row in document["trials"]}
+    assert {"hog_logreg", "cnn3"} <= families
+    assert all(row["status"] in ("completed", "stopped_by_asha") for row in document["trials"])
+    client = mlflow.MlflowClient(mlflow_server.url)
+    children = client.search_runs(
+        [client.get_experiment_by_name("test-sweep").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{document['mlflow_parent_run_id']}'")
+    assert len(children) == len(document["trials"])
+    completed = [r for r in children if "objective" in r.data.metrics]
+    assert completed and all(-2 <= r.data.metrics["objective"] <= 1.01 for r in completed)
+    board = json.loads((out / "reports" / "leaderboard.json").read_text())
+    assert board["winner"]["objective"] == max(r["objective"] for r in board["trials"] if r["objective"] is not None)
+    assert "| 1 |" in (out / "reports" / "leaderboard.md").read_text()
+
+
+def test_champion_loads_from_the_registry_and_predicts(sweep, data_dir, tmp_path):
+    document, _ = sweep
+    version = document["registered_version"]
+    assert registry.alias_version(registry.CHAMPION) == version
+    bundle_dir, fetched = registry.fetch_bundle("models:/cxr-screen@champion", tmp_path / "champion")
+    assert fetched == version
+    predictor = load_bundle(bundle_dir)
+    assert predictor.manifest.reference_profile and (bundle_dir / predictor.manifest.reference_profile["file"]).exists()
+    image = sorted((data_dir / "test" / "tuberculosis").glob("*.jpg"))[0]
+    prediction = predictor.predict_bytes(image.read_bytes())
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert prediction.decision.label in predictor.classes
+    tags = registry.client().get_model_version(registry.REGISTERED_MODEL, version).tags
+    assert tags["family"] == document["winner"]["family"] and "objective" in tags and "git_commit" in tags
+
+
+def test_promote_and_rollback_move_the_aliases(sweep):
+    document, _ = sweep
+    first = document["registered_version"]
+    source = registry.client().get_model_version(registry.REGISTERED_MODEL, first)
+    second = registry.client().create_model_version(registry.REGISTERED_MODEL, source=source.source,
+                                                    run_id=source.run_id).version
+    assert registry.promote_version(second) == {"champion": second, "previous": first}
+    assert registry.alias_version("champion") == second and registry.alias_version("previous") == first
+    assert registry.rollback() == {"champion": first, "previous": second}
+    assert registry.alias_version("champion") == first
+    assert registry.rollback()["champion"] == second  # a second rollback undoes the first

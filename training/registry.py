@@ -1,0 +1,149 @@
+"""MLflow Model Registry: the registered model ``cxr-screen`` and its aliases.
+
+``champion`` is what production serves; ``previous`` is the rollback target. The sweep registers
+a new version and promotes it; ``make promote VERSION=n`` and ``make rollback`` move the aliases;
+``make mar`` reads ``models:/cxr-screen@champion``.
+
+    python -m training.registry show | promote --version N | rollback | fetch --uri URI --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from training.tracking import tracking_uri
+
+log = logging.getLogger(__name__)
+
+REGISTERED_MODEL = "cxr-screen"
+CHAMPION = "champion"
+PREVIOUS = "previous"
+BUNDLE_ARTIFACT = "champion-bundle"
+
+
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def alias_version(alias: str, name: str = REGISTERED_MODEL) -> str | None:
+    try:
+        return client().get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def register_bundle(bundle_dir: Path, run_id: str, tags: dict[str, str], promote: bool = True,
+                    name: str = REGISTERED_MODEL) -> str:
+    """Log ``bundle_dir`` to ``run_id`` and register it as a new version (optionally champion)."""
+    mlflow_client = client()
+    mlflow_client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT)
+    try:
+        mlflow_client.create_registered_model(
+            name, description="Chest X-ray screening (tuberculosis, pneumonia): bundle with calibration and policy")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT}"
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id,
+                                                 tags={k: str(v)[:5000] for k, v in tags.items()}).version
+    log.info("registered %s version %s from run %s", name, version, run_id)
+    if promote:
+        promote_version(version, name)
+    return version
+
+
+def promote_version(version: str | int, name: str = REGISTERED_MODEL) -> dict[str, str | None]:
+    """Make ``version`` the champion; the old champion becomes ``previous``."""
+    mlflow_client = client()
+    version = str(version)
+    mlflow_client.get_model_version(name, version)  # fails clearly if it does not exist
+    current = alias_version(CHAMPION, name)
+    if current == version:
+        return {"champion": version, "previous": alias_version(PREVIOUS, name)}
+    if current is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, current)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    return {"champion": version, "previous": current}
+
+
+def rollback(name: str = REGISTERED_MODEL) -> dict[str, str | None]:
+    """Swap ``champion`` and ``previous`` (a second rollback undoes the first)."""
+    mlflow_client = client()
+    previous, current = alias_version(PREVIOUS, name), alias_version(CHAMPION, name)
+    if previous is None:
+        raise RuntimeError(f"{name} has no '{PREVIOUS}' alias to roll back to")
+    mlflow_client.set_registered_model_alias(name, CHAMPION, previous)
+    if current is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, current)
+    return {"champion": previous, "previous": current}
+
+
+def fetch_bundle(model_uri: str, dest: Path | str) -> tuple[Path, str]:
+    """Download a registered bundle (e.g. ``models:/cxr-screen@champion``) -> (dir, version)."""
+    dest = Path(dest)
+    name, _, selector = model_uri.removeprefix("models:/").partition("@")
+    if selector:
+        version = client().get_model_version_by_alias(name, selector).version
+    else:
+        name, _, version = model_uri.removeprefix("models:/").partition("/")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging = Path(tempfile.mkdtemp(prefix="cxr-bundle-"))
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                          dst_path=str(staging), tracking_uri=tracking_uri()))
+    if not (downloaded / "bundle.json").exists():
+        nested = next(downloaded.rglob("bundle.json"), None)
+        if nested is None:
+            raise FileNotFoundError(f"{model_uri} holds no bundle.json")
+        downloaded = nested.parent
+    shutil.move(str(downloaded), dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return dest, str(version)
+
+
+def describe(name: str = REGISTERED_MODEL) -> dict:
+    mlflow_client = client()
+    versions = sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    return {
+        "name": name,
+        "champion": alias_version(CHAMPION, name),
+        "previous": alias_version(PREVIOUS, name),
+        "versions": [{"version": v.version, "run_id": v.run_id, "family": v.tags.get("family"),
+                      "objective": v.tags.get("objective")} for v in versions],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.registry", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("show")
+    promote = sub.add_parser("promote")
+    promote.add_argument("--version", required=True)
+    sub.add_parser("rollback")
+    fetch = sub.add_parser("fetch")
+    fetch.add_argument("--uri", default=f"models:/{REGISTERED_MODEL}@{CHAMPION}")
+    fetch.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.action == "show":
+        print(json.dumps(describe(), indent=1))
+    elif args.action == "promote":
+        print(json.dumps(promote_version(args.version)))
+    elif args.action == "rollback":
+        print(json.dumps(rollback()))
+    else:
+        path, version = fetch_bundle(args.uri, args.out)
+        print(f"registry: {args.uri} -> {path} (version {version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""``make sweep``: Ray Tune over model families -> MLflow leaderboard -> registered champion.
+
+    python -m training.sweep [--budget small|full] [--data-dir DIR] [--storage-path PATH] [key=value ...]
+
+Every trial is a full training run (:func:`training.train.run_training`) tracked as an MLflow
+run under one experiment and a parent sweep run, so the MLflow UI is the leaderboard. ASHA stops
+neural trials whose validation macro-F1 lags at its rungs. The winner, by the clinical objective
+(:mod:`training.objective`), already carries its test evaluation, temperature and policy
+thresholds; it gets its drift reference profile and is registered as a new version of
+``cxr-screen`` with alias ``champion`` (the old champion becomes ``previous``).
+
+Locally Ray starts with ``num_cpus=2`` and no dashboard; with ``RAY_ADDRESS`` set the same code
+runs on an existing cluster (KubeRay) and ``--storage-path`` should be shared storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.config import TrainConfig, deep_merge, parse_overrides
+from training.data import default_data_dir
+from training.provenance import git_commit
+from training.tracking import tracking_uri
+
+log = logging.getLogger("training.sweep")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class FamilySpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    grid: dict[str, list[Any]] = {}
+    overrides: dict[str, Any] = {}
+
+
+class AshaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period: int = 2
+    max_t: int = 12
+    reduction_factor: int = 2
+
+
+class BudgetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    families: list[FamilySpace]
+    overrides: dict[str, Any] = {}
+    max_concurrent_trials: int = Field(1, ge=1)
+    threads_per_trial: int = Field(2, ge=1)
+    asha: AshaConfig = AshaConfig()
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budgets: dict[str, BudgetConfig]
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "SweepConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def expand_trials(budget: BudgetConfig, cli_overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """One trial spec per grid point: base config path + merged overrides (validated early)."""
+    trials = []
+    for family in budget.families:
+        keys = list(family.grid)
+        for values in itertools.product(*(family.grid[k] for k in keys)) if keys else [()]:
+            point = parse_overrides([f"{k}={json.dumps(v)}" for k, v in zip(keys, values)])
+            overrides = deep_merge(deep_merge(deep_merge(budget.overrides, family.overrides), point), cli_overrides)
+            overrides["num_threads"] = budget.threads_per_trial
+            base = str((REPO_ROOT / family.base).resolve())
+            config = TrainConfig.from_yaml(base, overrides)  # fail before Ray starts
+            label = ",".join(f"{k}={v}" for k, v in zip(keys, values))
+            trials.append({"base": base, "overrides": overrides, "family": config.family,
+                           "params": dict(zip(keys, values)), "label": f"{config.family}[{label}]"})
+    return trials
+
+
+def run_trial(spec: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one full training run, reporting to Tune and MLflow."""
+    import mlflow
+    from ray import tune
+
+    from training.objective import clinical_objective
+    from training.train import run_training
+
+    config = TrainConfig.from_yaml(spec["trial"]["base"], spec["trial"]["overrides"])
+    config = config.model_copy(update={"run_name": spec["trial"]["label"], "experiment": spec["experiment"]})
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        run = mlflow.active_run()
+        tune.report({"val_macro_f1": metrics["val_macro_f1"], "epoch": epoch + 1,
+                     "mlflow_run_id": run.info.run_id if run else None, "final": False})
+
+    result = run_training(config, Path(spec["data_dir"]), Path(spec["out_root"]), track=True,
+                          parent_run_id=spec["parent_run_id"], extra_tags={"sweep": spec["sweep_name"]},
+                          on_epoch=on_epoch if config.mode in ("scratch", "finetune") else None)
+    objective = clinical_objective(result.policy, result.val_metrics.get("macro_auc"))
+    mlflow.MlflowClient(tracking_uri()).log_batch(
+        result.mlflow_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                       for k, v in objective.items()])
+    tune.report({**objective, "val_macro_f1": float(result.val_metrics["macro"]["argmax"]["f1"]),
+                 "test_macro_auc": float(result.test_metrics.get("macro_auc") or 0.0),
+                 "bundle_dir": str(result.bundle_dir), "mlflow_run_id": result.mlflow_run_id,
+                 "train_seconds": result.train_seconds, "final": True})
+
+
+def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config: Path,
+              cli_overrides: dict[str, Any] | None = None, experiment: str = "cxr-screen",
+              register: bool = True, report_dir: Path | None = None) -> dict[str, Any]:
+    """Run the sweep, pick the winner, register it; returns the leaderboard document."""
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from training.registry import register_bundle
+    from training.tracking import mlflow_run
+
+    budget = SweepConfig.from_yaml(sweep_config).budgets[budget_name]
+    trials = expand_trials(budget, cli_overrides or {})
+    data_dir, storage_path = data_dir.resolve(), storage_path.resolve()
+    sweep_name = f"sweep-{budget_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cache_dir = os.environ.get("CXR_CACHE_DIR", str(REPO_ROOT / ".cache"))
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "RAY_CHDIR_TO_TRIAL_DIR": "0",
+           "CXR_CACHE_DIR": str(Path(cache_dir).resolve())}
+    os.environ.update(env)
+    started = time.perf_counter()
+    with mlflow_run(experiment, sweep_name, {"sweep": sweep_name, "budget": budget_name,
+                                             "git_commit": git_commit()}) as parent:
+        mlflow.log_params({"budget": budget_name, "trials": len(trials), "data_dir": str(data_dir),
+                           "ray_address": os.environ.get("RAY_ADDRESS", "local")})
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(runtime_env={"env_vars": env})
+            else:
+                ray.init(num_cpus=os.cpu_count() and min(os.cpu_count(), 2) or 2, include_dashboard=False,
+                         runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        trainable = tune.with_resources(run_trial, {"cpu": budget.threads_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials), "data_dir": str(data_dir),
+                         "out_root": str(storage_path / "runs"), "parent_run_id": parent.info.run_id,
+                         "sweep_name": sweep_name, "experiment": experiment},
+            tune_config=tune.TuneConfig(
+                scheduler=ASHAScheduler(metric="val_macro_f1", mode="max", time_attr="training_iteration",
+                                        grace_period=budget.asha.grace_period, max_t=budget.asha.max_t,
+                                        reduction_factor=budget.asha.reduction_factor),
+                max_concurrent_trials=budget.max_concurrent_trials,
+                trial_dirname_creator=lambda trial: f"{trial.trial_id}-{trial.config['trial']['family']}",
+                trial_name_creator=lambda trial: f"{trial.config['trial']['label']}",
+            ),
+            run_config=tune.RunConfig(name=sweep_name, storage_path=str(storage_path / "ray"), verbose=1),
+        )
+        grid = tuner.fit()
+        rows = leaderboard_rows(grid)
+        wall = time.perf_counter() - started
+        finished = [r for r in rows if r["status"] == "completed"]
+        if not finished:
+            raise RuntimeError(f"no trial of {sweep_name} finished; see {storage_path / 'ray' / sweep_name}")
+        winner = max(finished, key=lambda r: (r["objective"], r["val_macro_auc"]))
+        mlflow.log_metrics({"best_objective": winner["objective"], "wall_seconds": wall})
+        mlflow.set_tags({"winner_family": winner["family"], "winner_run_id": winner["mlflow_run_id"]})
+        document = {"sweep": sweep_name, "budget": budget_name, "data_dir": str(data_dir),
+                    "wall_seconds": round(wall, 1), "trials": rows, "winner": winner,
+                    "mlflow_parent_run_id": parent.info.run_id, "objective": OBJECTIVE_DOC}
+        if register:
+            bundle_dir = Path(winner["bundle_dir"])
+            _attach_reference_profile(bundle_dir, data_dir)
+            version = register_bundle(bundle_dir, parent.info.run_id, registry_tags(winner, sweep_name, bundle_dir))
+            document["registered_version"] = version
+            log.info("registered cxr-screen version %s (%s) as champion", version, winner["family"])
+    if report_dir is not None:
+        write_leaderboard(document, report_dir)
+    return document
+
+
+OBJECTIVE_DOC = ("weighted validation specificity of the disease classes at their policy thresholds "
+                 "(priority weights 1, 1/2, ...), minus 1 per sensitivity floor missed, + 0.001 x macro AUC")
+
+
+def leaderboard_rows(grid) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        spec = (result.config or {}).get("trial", {})
+        final = bool(metrics.get("final"))
+        rows.append({
+            "family": spec.get("family"),
+            "params": spec.get("params"),
+            "status": "completed" if final else ("error" if result.error else "stopped_by_asha"),
+            "objective": metrics.get("objective") if final else None,
+            "val_macro_auc": metrics.get("val_macro_auc") if final else None,
+            "val_macro_f1": metrics.get("val_macro_f1"),
+            "test_macro_auc": metrics.get("test_macro_auc") if final else None,
+            "floors_missed": metrics.get("floors_missed"),
+            "train_seconds": metrics.get("train_seconds"),
+            "bundle_dir": metrics.get("bundle_dir"),
+            "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "error": str(result.error)[:300] if result.error else None,
+        })
+    return sorted(rows, key=lambda r: (r["objective"] is None, -(r["objective"] or 0)))
+
+
+def registry_tags(winner: dict[str, Any], sweep_name: str, bundle_dir: Path) -> dict[str, str]:
+    from cxr_core.bundle import read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    test = manifest.metrics.get("test", {})
+    tags = {
+        "family": winner["family"], "objective": f"{winner['objective']:.4f}",
+        "val_macro_auc": f"{winner['val_macro_auc']:.4f}", "test_macro_auc": f"{winner['test_macro_auc']:.4f}",
+        "sweep": sweep_name, "trial_run_id": winner["mlflow_run_id"] or "",
+        "git_commit": manifest.provenance.git_commit, "data_manifest_sha256": manifest.provenance.data_manifest_sha256 or "",
+        "temperature": f"{manifest.temperature:.4f}",
+        "thresholds": json.dumps({k: round(v, 4) for k, v in manifest.policy.thresholds.items()}),
+    }
+    for name, values in test.get("policy", {}).items():
+        for metric, value in values.items():
+            if value is not None:
+                tags[f"test_policy_{metric}_{name}"] = f"{value:.4f}"
+    return tags
+
+
+def _attach_reference_profile(bundle_dir: Path, data_dir: Path) -> None:
+    """Store the drift reference (validation + test features) in the bundle before registering."""
+    try:
+        from cxr_core.reference import write_reference_profile
+    except ImportError:  # monitoring not installed in this build
+        log.warning("cxr_core.reference missing: bundle registered without a drift reference profile")
+        return
+    write_reference_profile(bundle_dir, data_dir)
+
+
+def write_leaderboard(document: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    lines = [
+        f"# Sweep leaderboard ({document['budget']})",
+        "",
+        f"Sweep `{document['sweep']}` on `{document['data_dir']}`; wall time {document['wall_seconds']:.0f} s; "
+        f"winner **{document['winner']['family']}** (registered version {document.get('registered_version', 'n/a')}).",
+        "",
+        f"Objective: {document['objective']}.",
+        "",
+        "| rank | family | params | status | objective | val macro AUC | val macro-F1 | test macro AUC | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rank, row in enumerate(document["trials"], 1):
+        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {rank} | {row['family']} | {json.dumps(row['params'])} | {row['status']} | "
+                     f"{fmt(row['objective'])} | {fmt(row['val_macro_auc'])} | {fmt(row['val_macro_f1'])} | "
+                     f"{fmt(row['test_macro_auc'])} | {fmt(row['train_seconds'])} |")
+    (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", default=os.environ.get("SWEEP_BUDGET", "small"))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--storage-path", type=Path, default=Path(os.environ.get("SWEEP_STORAGE", "runs/sweep")))
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "sweep.yaml")
+    parser.add_argument("--report-dir", type=Path, default=Path("reports/sweep"))
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="applied to every trial, e.g. subset.train=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    document = run_sweep(args.budget, args.data_dir, args.storage_path, args.config, parse_overrides(args.overrides),
+                         register=not args.no_register, report_dir=args.report_dir)
+    print(Path(args.report_dir / "leaderboard.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
