@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -76,6 +76,15 @@ rollback: mlflow ## swap champion and previous
 
 registry: mlflow ## show registered versions and aliases
 	$(PY) -m training.registry show
+
+BUNDLE ?=
+DATA ?= $(DATA_DIR)
+evaluate: install ## full evaluation of BUNDLE=dir (or the champion) on DATA=labelled folder -> reports/evaluate
+	$(PY) -m training.evaluate_bundle $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri models:/cxr-screen@champion) \
+		--data-dir $(DATA) --out $(REPORTS)/evaluate/$(notdir $(abspath $(DATA)))
+
+recalibrate: install ## refit temperature + thresholds of BUNDLE on SITE=labelled folder -> OUT=new bundle
+	$(PY) -m training.recalibrate --bundle $(BUNDLE) --data-dir $(SITE) --out $(OUT)
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs

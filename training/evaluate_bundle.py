@@ -1,0 +1,132 @@
+"""``make evaluate``: the full evaluation of a bundle on any labelled folder.
+
+    python -m training.evaluate_bundle (--bundle DIR | --model-uri models:/cxr-screen@champion)
+        --data-dir FOLDER [--split test] [--out reports/evaluate/NAME]
+
+The folder may have splits (``{split}/{class}/*``; ``--split`` picks one) or only class folders
+(``{class}/*``), so a hospital can test a model on its own images before go-live: per-class
+metrics, policy vs argmax, calibration, per-source and same-population views, worklists and
+figures, with the bundle's own temperature and thresholds. Files that cannot be read are listed
+in ``failures.csv``, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_core.bundle import Predictor, load_bundle
+from cxr_core.calibration import softmax
+from cxr_core.errors import InputError
+from cxr_core.preprocess import prepare_image
+from training.data import discover_dataset
+from training.evaluate import evaluate_predictions
+
+log = logging.getLogger("training.evaluate_bundle")
+
+
+@dataclass
+class FolderPredictions:
+    """Logits of every readable image of a labelled folder, aligned with its metadata."""
+
+    classes: list[str]
+    logits: np.ndarray
+    labels: np.ndarray
+    sources: list[str]
+    relpaths: list[str]
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def predict_folder(predictor: Predictor, data_dir: Path, split: str | None = None, batch_size: int = 32) -> FolderPredictions:
+    """Run ``predictor`` over a labelled folder; folder classes must be among the model's."""
+    dataset = discover_dataset(data_dir)
+    unknown = [c for c in dataset.classes if c not in predictor.classes]
+    if unknown:
+        raise ValueError(f"{data_dir} has classes the model does not know: {unknown} (model: {predictor.classes})")
+    if split is None:
+        split = "test" if "test" in dataset.splits else dataset.splits[0]
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"no images in split {split!r} of {data_dir} (splits: {dataset.splits})")
+    kept, pixels, failures = [], [], []
+    for record in tqdm(records, desc=f"evaluate: preprocessing {split}", unit="img", file=sys.stderr):
+        try:
+            pixels.append(prepare_image(record.path.read_bytes(), predictor.manifest.preprocess).pixels)
+            kept.append(record)
+        except InputError as error:
+            failures.append({"relpath": record.relpath, "error": error.code, "message": str(error)})
+    if not kept:
+        raise ValueError(f"none of the {len(records)} images of {data_dir} could be read")
+    stacked = np.stack(pixels)
+    logits = np.concatenate([predictor.logits_from_pixels(stacked[i : i + batch_size])
+                             for i in range(0, len(stacked), batch_size)])
+    return FolderPredictions(
+        classes=predictor.classes,
+        logits=logits,
+        labels=np.asarray([predictor.classes.index(r.label) for r in kept]),
+        sources=[r.source for r in kept],
+        relpaths=[r.relpath for r in kept],
+        failures=failures,
+    )
+
+
+def evaluate_folder(predictor: Predictor, predictions: FolderPredictions, data_dir: Path, out: Path,
+                    n_bootstrap: int = 1000) -> dict:
+    """Evaluate with the bundle's temperature and thresholds; writes the report into ``out``."""
+    manifest = predictor.manifest
+    probs = softmax(predictions.logits, manifest.temperature)
+    floors = {k: v for k, v in manifest.policy.config.floors.items() if k in predictions.classes}
+    metrics = evaluate_predictions(
+        classes=predictions.classes, y_true=predictions.labels, logits=predictions.logits,
+        temperature=manifest.temperature, policy_decisions=manifest.policy.decide_indices(probs),
+        thresholds=manifest.policy.thresholds, floors=floors, sources=predictions.sources,
+        relpaths=predictions.relpaths, out_dir=out, image_root=data_dir, n_bootstrap=n_bootstrap,
+        gray_zone_margin=manifest.policy.config.gray_zone,
+    )
+    with open(out / "failures.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["relpath", "error", "message"])
+        writer.writeheader()
+        writer.writerows(predictions.failures)
+    return metrics
+
+
+def resolve_bundle(bundle: Path | None, model_uri: str | None, staging: Path) -> Path:
+    if bundle is not None:
+        return bundle
+    if model_uri is None:
+        raise SystemExit("give --bundle DIR or --model-uri models:/cxr-screen@champion")
+    from training.registry import fetch_bundle
+
+    return fetch_bundle(model_uri, staging)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate_bundle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--model-uri")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--split", default=None, help="split folder to evaluate (default: test, or the only one)")
+    parser.add_argument("--out", type=Path, default=Path("reports/evaluate/latest"))
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    predictor = load_bundle(resolve_bundle(args.bundle, args.model_uri, args.out / "bundle"))
+    predictions = predict_folder(predictor, args.data_dir, args.split)
+    metrics = evaluate_folder(predictor, predictions, args.data_dir, args.out, args.bootstrap)
+    print(f"evaluate: {metrics['n']} images, macro AUC {metrics['macro_auc']}, {len(predictions.failures)} unreadable")
+    for name in metrics["disease_classes"]:
+        policy = metrics["per_class"]["policy"][name]
+        print(f"evaluate: {name} policy sensitivity {policy['sensitivity']}, specificity {policy['specificity']}")
+    print(f"evaluate: report {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
