@@ -84,14 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/train-all"))
     parser.add_argument("--runs", type=Path, default=Path("runs/train-all"))
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the entries already in summary.json and train only the missing families")
     parser.add_argument("overrides", nargs="*", help="applied to every config, e.g. epochs=1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     plan = yaml.safe_load(args.plan.read_text())["configs"]
     args.out.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
+    if args.resume and (args.out / "summary.json").exists():
+        entries = json.loads((args.out / "summary.json").read_text())
+    done = {entry["family"] for entry in entries}
     for config_path in plan:
         config = TrainConfig.from_yaml(config_path, parse_overrides(args.overrides))
+        if config.family in done:
+            log.info("train-all: %s already in the summary, kept", config.family)
+            continue
         log.info("train-all: %s", config.family)
         result = run_training(config, args.data_dir, args.runs, track=not args.no_mlflow,
                               extra_tags={"train_all": "true"})
