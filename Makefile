@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,19 @@ evaluate: install ## full evaluation of BUNDLE=dir (or the champion) on DATA=lab
 
 recalibrate: install ## refit temperature + thresholds of BUNDLE on SITE=labelled folder -> OUT=new bundle
 	$(PY) -m training.recalibrate --bundle $(BUNDLE) --data-dir $(SITE) --out $(OUT)
+
+AUDIT_LOG ?= logs
+DRIFT_REFERENCE ?= models:/cxr-screen@champion
+DRIFT_OUT ?= $(REPORTS)/drift/latest
+drift: install ## audit log vs the champion's reference -> $(DRIFT_OUT) (exit 0 ok, 3 retrain)
+	$(PY) -m monitoring.drift --current $(AUDIT_LOG) --reference $(DRIFT_REFERENCE) --out $(DRIFT_OUT) $(DRIFT_ARGS)
+
+drift-demo: install ## drift scenarios on the default data with BUNDLE (default: the champion) -> reports/drift/summary.json
+	$(if $(BUNDLE),,$(PY) -m training.registry fetch --uri models:/cxr-screen@champion --out runs/champion/bundle)
+	$(PY) -m monitoring.drift_demo --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/drift
+
+feedback: install ## make feedback REQUEST_ID=... LABEL=tuberculosis [REVIEWER=...]
+	$(PY) -m monitoring.feedback add --request-id "$(REQUEST_ID)" --label "$(LABEL)" --reviewer "$(REVIEWER)" --audit-log $(AUDIT_LOG)
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs
