@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -37,8 +37,9 @@ lock: ## re-resolve requirements.txt and rewrite constraints.txt
 test: install ## run the test suite (real servers, real images, small subsets)
 	$(PY) -m pytest
 
-demo: install audit ## the main job on the default data
-	@echo "demo: audit report at $(REPORTS)/audit/summary.md"
+demo: install audit champion serve ## the main job: audit, MLflow, small sweep if no champion, MAR, local serving, real requests
+	$(PY) -m serving.demo
+	@echo "demo: audit report at $(REPORTS)/audit/summary.md; MLflow UI at $(MLFLOW_TRACKING_URI); stop everything with 'make stop'"
 
 audit: install ## data audit: flags, duplicates, exclusions, figures -> reports/audit
 	$(PY) -m training.audit --data-dir $(DATA_DIR) --out $(REPORTS)/audit
@@ -52,6 +53,7 @@ mlflow: install ## start the local MLflow server (SQLite + local artifacts) on 1
 	else echo "mlflow: using MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI)"; fi
 
 stop: ## stop the local services started by make (MLflow, serving)
+	-$(PY) -m serving.stack stop
 	-$(PY) -m training.mlflow_server stop
 
 train: mlflow ## train one family: make train MODEL=cnn3 (configs/train/$(MODEL).yaml)
@@ -98,6 +100,25 @@ drift-demo: install ## drift scenarios on the default data with BUNDLE (default:
 
 feedback: install ## make feedback REQUEST_ID=... LABEL=tuberculosis [REVIEWER=...]
 	$(PY) -m monitoring.feedback add --request-id "$(REQUEST_ID)" --label "$(LABEL)" --reviewer "$(REVIEWER)" --audit-log $(AUDIT_LOG)
+
+PACKAGE ?= model-package
+MODEL_URI ?= models:/cxr-screen@champion
+METHOD ?= gradcam
+
+mar: mlflow ## model package (MAR + config.properties, KServe storage layout) from the champion, or BUNDLE=dir
+	$(PY) -m serving.mar $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri $(MODEL_URI)) --out $(PACKAGE)
+
+serve: mar ## serve the champion: TorchServe + KServe front on 127.0.0.1 (make stop)
+	$(PY) -m serving.stack start --package $(PACKAGE)
+
+latency: install ## single-request p50/p95 per protocol against `make serve` -> reports/serving/latency.json
+	$(PY) -m serving.latency --out $(REPORTS)/serving/latency.json
+
+triage: install ## worklist CSV of a folder: make triage DIR=... [OFFLINE=1 BUNDLE=dir]
+	$(PY) -m serving.triage $(DIR) $(if $(OFFLINE),--offline --bundle $(BUNDLE)) --out $(REPORTS)/serving/worklist.csv
+
+explain: mlflow ## Grad-CAM overlay of one image: make explain IMAGE=... [BUNDLE=dir] [METHOD=gradcam++]
+	$(PY) -m serving.explain $(IMAGE) $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri $(MODEL_URI)) --method $(METHOD) --out $(REPORTS)/serving/overlay.png
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs

@@ -96,6 +96,7 @@ def _decode_raster(data: bytes, max_megapixels: float) -> DecodedImage:
         raise UnsupportedImageModeError(
             f"the image has {image.n_frames} frames; send one radiograph per request"
         )
+    source_format = (image.format or "unknown").lower()  # exif_transpose returns a copy without it
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -106,7 +107,6 @@ def _decode_raster(data: bytes, max_megapixels: float) -> DecodedImage:
         raise NotAnImageError(f"the image could not be decoded: {exc}") from exc
     except (SyntaxError, ValueError) as exc:
         raise TruncatedImageError(f"the image data is corrupt: {exc}") from exc
-    source_format = (image.format or "unknown").lower()
     pixels, bit_depth = _raster_to_unit_gray(image)
     return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bit_depth)
 

@@ -35,6 +35,7 @@ def test_tensor_shape_and_determinism(original):
     assert torch.equal(tensor, original["tensor"])
     assert flags == original["flags"]
     assert flags.original_width == original["gray"].shape[1]
+    assert flags.source_format == "jpeg" and flags.bit_depth == 8
 
 
 def test_16bit_png_gives_the_same_tensor(original):

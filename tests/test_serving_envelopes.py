@@ -1,0 +1,160 @@
+"""Protocol translation and the handler's batch contract, without servers (fast)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from serving.envelopes import decode_base64, parse_request
+from serving.mar import config_properties
+from serving.config import PackageConfig
+from serving.schemas import RequestError, http_status
+
+IMAGE = b"\x89PNG\r\n\x1a\n fake image bytes"
+B64 = base64.b64encode(IMAGE).decode()
+
+
+@pytest.mark.parametrize("row, content_type, protocol, single", [
+    ({"body": bytearray(IMAGE)}, "application/octet-stream", "native", True),
+    ({"data": bytearray(IMAGE)}, "multipart/form-data", "native", True),
+    ({"body": {"data": B64}}, "application/json", "native", True),
+    ({"body": {"b64": B64}}, "application/json", "native", True),
+    ({"body": {"instances": [{"data": B64}]}}, "application/json", "v1", False),
+    ({"body": {"instances": [{"b64": B64}, B64]}}, "application/json", "v1", False),
+    ({"body": json.dumps({"instances": [B64]}).encode()}, "application/octet-stream", "v1", False),
+    ({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [B64]}]}}, "application/json",
+     "v2", False),
+    ({"body": {"inputs": [{"name": "x", "shape": [-1], "datatype": "BYTES", "data": [B64, B64]}]}},
+     "application/json", "v2", False),
+    ({"body": {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "BYTES", "data": [B64, B64]}]}},
+     "application/json", "v2", False),
+])
+def test_every_request_shape_yields_its_images(row, content_type, protocol, single):
+    parsed = parse_request(row, content_type)
+    assert parsed.protocol == protocol and parsed.single == single
+    assert all(image == IMAGE for image in parsed.images) and parsed.images
+
+
+@pytest.mark.parametrize("text", [B64, B64.rstrip("="), f"data:image/png;base64,{B64}",
+                                  base64.urlsafe_b64encode(IMAGE).decode(), B64[:10] + "\n" + B64[10:]])
+def test_base64_variants(text):
+    assert decode_base64(text, "x") == IMAGE
+
+
+@pytest.mark.parametrize("row, code", [
+    ({"body": bytearray()}, "empty"),
+    ({"body": b'{"instances": ['}, "malformed_json"),
+    ({"body": []}, "invalid_request"),
+    ({"body": {"images": [B64]}}, "missing_field"),
+    ({"body": {"instances": []}}, "invalid_request"),
+    ({"body": {"instances": [{"data": "%%%"}]}}, "bad_base64"),
+    ({"body": {"instances": [{"data": ""}]}}, "empty"),
+    ({"body": {"instances": [{"data": 12}]}}, "invalid_request"),
+    ({"body": {"instances": [B64] * 17}}, "too_many_images"),
+    ({"body": {"instances": [B64], "explain": True, "explain_method": "lime"}}, "unknown_method"),
+    ({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}}, "wrong_datatype"),
+    ({"body": {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [B64]}]}}, "wrong_shape"),
+    ({"body": {"inputs": [{"name": "x", "shape": [1, 64, 64], "datatype": "BYTES", "data": [B64]}]}}, "wrong_shape"),
+    ({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [[1, 2]]}]}}, "wrong_datatype"),
+    ({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}}, "missing_field"),
+    ({"body": {"inputs": []}}, "invalid_request"),
+    ({"body": {"inputs": [{"name": "a", "shape": [1], "datatype": "BYTES", "data": [B64]}] * 2}}, "wrong_shape"),
+])
+def test_bad_envelopes_are_refused_with_a_reason(row, code):
+    with pytest.raises(RequestError) as caught:
+        parse_request(row, "application/json")
+    assert caught.value.code == code and str(caught.value)
+    assert 400 <= http_status(code) < 500
+
+
+def test_explain_flags():
+    assert parse_request({"body": {"instances": [B64], "explain": True, "explain_method": "gradcam++"}}).explain
+    parsed = parse_request({"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+                                     "parameters": {"explain": True, "explain_method": "gradcam++"}}})
+    assert parsed.explain and parsed.explain_method == "gradcam++"
+    assert parse_request({"body": bytearray(IMAGE)}, explain_route=True).explain
+
+
+def test_config_properties_follow_the_kserve_example():
+    text = config_properties(PackageConfig(workers=2, batch_size=8, max_batch_delay_ms=25, response_timeout_s=60), "7")
+    lines = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert lines["enable_envvars_config"] == "true" and lines["model_store"] == "/mnt/models/model-store"
+    assert lines["inference_address"] == "http://0.0.0.0:8085" and "service_envelope" not in lines
+    entry = json.loads(lines["model_snapshot"])["models"]["cxr-screen"]["7"]
+    assert entry == {"defaultVersion": True, "marName": "cxr-screen.mar", "minWorkers": 2, "maxWorkers": 2,
+                     "batchSize": 8, "maxBatchDelay": 25, "responseTimeout": 60}
+
+
+class _Metrics:
+    def add_time(self, *args, **kwargs):
+        pass
+
+
+def test_handler_answers_each_item_of_a_batch(tiny_bundle, tmp_path, data_dir, monkeypatch):
+    """The TorchServe contract without TorchServe: one answer per item, per-item status, audit lines."""
+    import shutil
+
+    from ts.context import Context, RequestProcessor
+
+    from serving.audit import read_audit_log
+    from serving.handler import CxrScreenHandler
+
+    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
+    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
+                      4, None, "0.12.0", metrics=_Metrics())
+    handler = CxrScreenHandler()
+    handler.initialize(context)
+    image = sorted((data_dir / "test" / "pneumonia").glob("*.jpg"))[0].read_bytes()
+    encoded = base64.b64encode(image).decode()
+    rows = [{"body": bytearray(image)}, {"body": bytearray(b"garbage")},
+            {"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}},
+            {"body": {"instances": [encoded, base64.b64encode(b"garbage").decode()]}}]
+    context.request_processor = [RequestProcessor({"x-request-id": f"id-{i}", "explain": "False"}) for i in range(4)]
+    context.request_ids = {i: f"ts-{i}" for i in range(4)}
+    answers = handler.handle(rows, context)
+    assert len(answers) == 4
+    statuses = [context.get_response_status(i)[0] for i in range(4)]
+    assert statuses == [200, 415, 200, 415]
+    first, second, third, fourth = (json.loads(answer) for answer in answers)
+    assert first["request_id"] == "id-0" and first["model_version"] == "5"
+    assert second["code"] == "not_an_image"
+    assert third["outputs"][0]["name"] == "result"
+    assert fourth["code"] == "not_an_image" and [e["item"] for e in fourth["errors"]] == [1]
+    lines = read_audit_log(tmp_path / "audit.jsonl")
+    assert [(line["request_id"], line["event"]) for line in lines] == [
+        ("id-0", "prediction"), ("id-1", "error"), ("id-2", "prediction"), ("id-3", "error")]
+    assert {line["batch_size"] for line in lines} == {4}
+
+
+def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
+    """A pathological image that breaks the model call fails its own request only, with a 500."""
+    import shutil
+
+    from ts.context import Context, RequestProcessor
+
+    from serving.handler import CxrScreenHandler
+
+    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
+    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
+                      2, None, "0.12.0", metrics=_Metrics())
+    handler = CxrScreenHandler()
+    handler.initialize(context)
+    good = sorted((data_dir / "test" / "normal").glob("*.jpg"))[0].read_bytes()
+    poison = b"\x89PNG poison"
+    original = handler.predictor.predict_many
+
+    def fragile(images):
+        if poison in images:
+            raise RuntimeError("a decoder bug")
+        return original(images)
+
+    monkeypatch.setattr(handler.predictor, "predict_many", fragile)
+    context.request_processor = [RequestProcessor({"explain": "False"}) for _ in range(2)]
+    context.request_ids = {0: "a", 1: "b"}
+    answers = handler.handle([{"body": bytearray(good)}, {"body": bytearray(poison)}], context)
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 500]
+    assert json.loads(answers[0])["decision"]["label"] and json.loads(answers[1])["code"] == "internal_error"
