@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -119,6 +119,14 @@ triage: install ## worklist CSV of a folder: make triage DIR=... [OFFLINE=1 BUND
 
 explain: mlflow ## Grad-CAM overlay of one image: make explain IMAGE=... [BUNDLE=dir] [METHOD=gradcam++]
 	$(PY) -m serving.explain $(IMAGE) $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri $(MODEL_URI)) --method $(METHOD) --out $(REPORTS)/serving/overlay.png
+
+package-model: mar ## the folder to copy to a PVC or bucket (KServe storageUri): config/ + model-store/
+
+charts-validate: install ## render, lint (--strict) and validate the Helm chart with every charts/cxr-screen/ci values file
+	$(PY) -m charts.validate
+
+images: ## build the serving and jobs images (local dockerd + debootstrap Debian 12 base) and /ping the serving image
+	bash docker/build_images.sh
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs

@@ -1,0 +1,1 @@
+"""Helm charts of cxr-screen and their offline validation (``python -m charts.validate``)."""
