@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images loadtest bench clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -127,6 +127,15 @@ charts-validate: install ## render, lint (--strict) and validate the Helm chart 
 
 images: ## build the serving and jobs images (local dockerd + debootstrap Debian 12 base) and /ping the serving image
 	bash docker/build_images.sh
+
+USERS ?= 4
+DURATION ?= 60
+WEIGHTS ?=
+loadtest: install ## Locust headless against `make serve`: make loadtest USERS=8 DURATION=60 [WEIGHTS=v2=3,explain=0] -> reports/loadtest
+	$(PY) -m loadtest.run --users $(USERS) --duration $(DURATION) $(if $(WEIGHTS),--weights $(WEIGHTS)) --data-dir $(DATA_DIR) --out $(REPORTS)/loadtest
+
+bench: install ## raw model vs TorchServe vs KServe front, then TorchServe tuning [BUNDLE=dir] -> reports/bench/bench.{json,md} (~17 min)
+	$(PY) -m loadtest.bench $(if $(BUNDLE),--bundle $(BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/bench
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs
