@@ -47,7 +47,15 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     kwargs = dict(config.model_kwargs)
     if config.model != "cnn3":
         kwargs.update(pretrained=config.pretrained, weights_path=config.weights_path)
-    return create_model(config.model, num_classes, **kwargs)
+    model = create_model(config.model, num_classes, **kwargs)
+    if config.mode == "finetune":
+        # A new head on pretrained features starts near zero. timm's EfficientNet init scales the
+        # classifier by 1/sqrt(num_classes): with 3 classes its first logits are +-10 and the first
+        # epoch is spent unlearning them.
+        classifier = model.get_classifier()
+        nn.init.normal_(classifier.weight, std=0.01)
+        nn.init.zeros_(classifier.bias)
+    return model
 
 
 @torch.inference_mode()
@@ -74,7 +82,7 @@ def _backbone_stages(model: nn.Module) -> list[nn.Module]:
             stages.extend(child.children())
         else:
             stages.append(child)
-    return stages
+    return [stage for stage in stages if any(True for _ in stage.parameters())]
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:
