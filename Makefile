@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images loadtest bench clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images loadtest bench loso perturb shortcuts clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -136,6 +136,16 @@ loadtest: install ## Locust headless against `make serve`: make loadtest USERS=8
 
 bench: install ## raw model vs TorchServe vs KServe front, then TorchServe tuning [BUNDLE=dir] -> reports/bench/bench.{json,md} (~17 min)
 	$(PY) -m loadtest.bench $(if $(BUNDLE),--bundle $(BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/bench
+
+FAMILY ?= hog_logreg
+loso: install ## leave-one-source-out + mitigations for configs/train/$(FAMILY).yaml -> reports/robustness/loso.{json,md}
+	$(PY) -m training.robustness.loso --config configs/train/$(FAMILY).yaml --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
+
+perturb: install ## perturbation suite on the LOSO all-sources bundles (or BUNDLE=dir) -> reports/robustness/perturb.json
+	$(PY) -m training.robustness.perturb $(if $(BUNDLE),--bundle $(BUNDLE),--from-loso $(REPORTS)/robustness/loso.json) --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
+
+shortcuts: install ## shortcut audit (source/age probes, masked lungs, Grad-CAM outside the chest) -> reports/robustness/shortcuts.json
+	$(PY) -m training.robustness.shortcuts $(if $(BUNDLE),--bundle $(BUNDLE),--from-loso $(REPORTS)/robustness/loso.json) --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs
