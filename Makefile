@@ -138,14 +138,19 @@ bench: install ## raw model vs TorchServe vs KServe front, then TorchServe tunin
 	$(PY) -m loadtest.bench $(if $(BUNDLE),--bundle $(BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/bench
 
 FAMILY ?= hog_logreg
-loso: install ## leave-one-source-out + mitigations for configs/train/$(FAMILY).yaml -> reports/robustness/loso.{json,md}
-	$(PY) -m training.robustness.loso --config configs/train/$(FAMILY).yaml --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
+ROBUSTNESS ?= configs/robustness.yaml
+LOSO_NAME ?= loso
+loso: install ## leave-one-source-out of FAMILY x mitigations -> reports/robustness/$(LOSO_NAME).{json,md} (~1 h for hog_logreg)
+	$(PY) -m training.robustness.loso --config configs/train/$(FAMILY).yaml --data-dir $(DATA_DIR) \
+		--robustness $(ROBUSTNESS) --out $(REPORTS)/robustness --name $(LOSO_NAME)
 
-perturb: install ## perturbation suite on the LOSO all-sources bundles (or BUNDLE=dir) -> reports/robustness/perturb.json
-	$(PY) -m training.robustness.perturb $(if $(BUNDLE),--bundle $(BUNDLE),--from-loso $(REPORTS)/robustness/loso.json) --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
+perturb: install ## perturbation suite on BUNDLE=dir(s), else baseline + best mitigation of make loso -> reports/robustness/perturb.*
+	$(PY) -m training.robustness.perturb $(if $(BUNDLE),$(foreach b,$(BUNDLE),--bundle $(b)),--from-loso $(REPORTS)/robustness/$(LOSO_NAME).json) \
+		--data-dir $(DATA_DIR) --robustness $(ROBUSTNESS) --out $(REPORTS)/robustness
 
-shortcuts: install ## shortcut audit (source/age probes, masked lungs, Grad-CAM outside the chest) -> reports/robustness/shortcuts.json
-	$(PY) -m training.robustness.shortcuts $(if $(BUNDLE),--bundle $(BUNDLE),--from-loso $(REPORTS)/robustness/loso.json) --data-dir $(DATA_DIR) --out $(REPORTS)/robustness
+shortcuts: install ## source/age probes, lung masking, evidence outside the chest -> reports/robustness/shortcuts.*
+	$(PY) -m training.robustness.shortcuts $(if $(BUNDLE),$(foreach b,$(BUNDLE),--bundle $(b)),--from-loso $(REPORTS)/robustness/$(LOSO_NAME).json) \
+		--data-dir $(DATA_DIR) --robustness $(ROBUSTNESS) --out $(REPORTS)/robustness
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs
