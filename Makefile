@@ -16,6 +16,8 @@ export MLFLOW_TRACKING_URI
 
 SWEEP_BUDGET ?= small
 export SWEEP_BUDGET
+SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
+export SWEEP_OBJECTIVE
 
 .PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images loadtest bench loso perturb shortcuts clean
 

@@ -165,18 +165,36 @@ def test_objective_mode_default_is_unchanged_and_worst_source_picks_the_minimum(
         select_objective("worst_source", policy, 0.9)
 
 
-def test_fixed_matrix_training_split_is_a_no_op_under_the_default_config():
+def test_fixed_matrix_training_split_materializes_the_default_mitigation_and_nothing_when_unmitigated():
     from training.datasets import SplitArrays
-    from training.robustness.mitigations import fixed_matrix_training_split
+    from training.materialize import fixed_matrix_training_split
 
     rng = np.random.default_rng(0)
     records = [type("R", (), {"source": s, "relpath": f"{s}{i}"})() for i, s in enumerate(["a"] * 6 + ["b"] * 2)]
     split = SplitArrays(name="train", pixels=rng.integers(0, 256, (8, 32, 32), dtype=np.uint8),
                         labels=np.zeros(8, dtype=np.int64), records=records)
-    default = TrainConfig.from_yaml("configs/train/hog_logreg.yaml")
-    assert fixed_matrix_training_split(split, default) is split
-    mitigated = TrainConfig.from_yaml("configs/train/hog_logreg.yaml",
-                                      {"source_balanced_sampler": True, "augment": {"downscale_probability": 0.5}})
-    out = fixed_matrix_training_split(split, mitigated)
+    settings = RobustnessConfig.from_yaml("configs/robustness.yaml")
+    unmitigated = TrainConfig.from_yaml("configs/train/hog_logreg.yaml", settings.mitigations["unmitigated"].overrides)
+    assert fixed_matrix_training_split(split, unmitigated) is split
+    default = TrainConfig.from_yaml("configs/train/hog_logreg.yaml")  # the mitigation is the default
+    assert default.preprocess.clahe and default.source_balanced_sampler and default.augment.downscale_probability > 0
+    out = fixed_matrix_training_split(split, default)
     assert len(out.labels) == 2 * 12 and [r.source for r in out.records].count("b") == 12
     assert np.array_equal(out.pixels[:8], split.pixels)
+    assert not np.array_equal(out.pixels[12:20], split.pixels)  # the copies are resampled / blurred
+    no_copies = TrainConfig.from_yaml("configs/train/hog_logreg.yaml", {"augment_copies": 0})
+    assert len(fixed_matrix_training_split(split, no_copies).labels) == 12
+
+
+def test_every_family_config_carries_the_chosen_mitigation():
+    """The LOSO winner is the default: each family config equals itself with the winner's overrides applied."""
+    from pathlib import Path
+
+    from training.robustness.mitigations import mitigated_config
+
+    settings = RobustnessConfig.from_yaml("configs/robustness.yaml")
+    chosen = settings.mitigations["clahe_resolution_balanced"]
+    for path in sorted(Path("configs/train").glob("*.yaml")):
+        config = TrainConfig.from_yaml(path)
+        assert mitigated_config(config, chosen) == config, path
+        assert mitigated_config(config, settings.mitigations["unmitigated"]) != config, path

@@ -86,6 +86,9 @@ class TrainConfig(BaseModel):
     class_weighted_loss: bool = True
     weighted_sampler: bool = False
     source_balanced_sampler: bool = False
+    augment_copies: int = Field(1, ge=0, le=4, description=(
+        "classical / probe: resolution-augmented copies of the training split, made when "
+        "augment.downscale_probability > 0 (training.materialize)"))
     patience: int = Field(4, ge=1, description="early stopping: epochs without val macro-F1 gain")
     unfreeze_every: int = Field(1, ge=1, description="fine-tune: epochs between unfreezing backbone stages")
     probe_epochs: int = Field(300, ge=1, description="linear probe head: full-batch steps")

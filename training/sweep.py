@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.config import TrainConfig, deep_merge, parse_overrides
 from training.data import default_data_dir
+from training.objective import DEFAULT_OBJECTIVE_MODE, OBJECTIVE_MODES, ObjectiveMode
 from training.provenance import git_commit
 from training.tracking import tracking_uri
 
@@ -61,6 +62,10 @@ class BudgetConfig(BaseModel):
     max_concurrent_trials: int = Field(1, ge=1)
     threads_per_trial: int = Field(2, ge=1)
     asha: AshaConfig = AshaConfig()
+    objective_mode: ObjectiveMode = Field(DEFAULT_OBJECTIVE_MODE, description=(
+        "validation: clinical objective on the validation split; worst_source: each trial also runs "
+        "leave-one-source-out (training.robustness.loso, ~4 extra trainings) and is judged by its "
+        "worst held-out source"))
 
 
 class SweepConfig(BaseModel):
@@ -95,7 +100,6 @@ def run_trial(spec: dict[str, Any]) -> None:
     import mlflow
     from ray import tune
 
-    from training.objective import clinical_objective
     from training.train import run_training
 
     config = TrainConfig.from_yaml(spec["trial"]["base"], spec["trial"]["overrides"])
@@ -109,7 +113,8 @@ def run_trial(spec: dict[str, Any]) -> None:
     result = run_training(config, Path(spec["data_dir"]), Path(spec["out_root"]), track=True,
                           parent_run_id=spec["parent_run_id"], extra_tags={"sweep": spec["sweep_name"]},
                           on_epoch=on_epoch if config.mode in ("scratch", "finetune") else None)
-    objective = clinical_objective(result.policy, result.val_metrics.get("macro_auc"))
+    objective = trial_objective(spec["objective_mode"], config, result, Path(spec["data_dir"]),
+                                Path(spec["out_root"]) / "loso" / spec["trial"]["label"])
     mlflow.MlflowClient(tracking_uri()).log_batch(
         result.mlflow_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                        for k, v in objective.items()])
@@ -119,10 +124,33 @@ def run_trial(spec: dict[str, Any]) -> None:
                  "train_seconds": result.train_seconds, "final": True})
 
 
+def trial_objective(mode: str, config: TrainConfig, result, data_dir: Path, loso_dir: Path) -> dict[str, float]:
+    """The number the sweep ranks a finished trial by (:func:`training.objective.select_objective`).
+
+    ``worst_source`` retrains the trial's config once per configured held-out source; the
+    validation objective's components are kept beside it (``val_*``) for the leaderboard.
+    """
+    from training.objective import clinical_objective, select_objective
+
+    validation = clinical_objective(result.policy, result.val_metrics.get("macro_auc"))
+    if mode == "validation":
+        return validation
+    from training.robustness.loso import loso_heldout
+
+    heldout = loso_heldout(config, data_dir, loso_dir)
+    objective = select_objective(mode, result.policy, result.val_metrics.get("macro_auc"), heldout)
+    return {**objective, "val_macro_auc": validation["val_macro_auc"], "validation_objective": validation["objective"],
+            "floors_missed": validation["floors_missed"]}
+
+
 def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config: Path,
               cli_overrides: dict[str, Any] | None = None, experiment: str = "cxr-screen",
-              register: bool = True, report_dir: Path | None = None) -> dict[str, Any]:
-    """Run the sweep, pick the winner, register it; returns the leaderboard document."""
+              register: bool = True, report_dir: Path | None = None,
+              objective_mode: str | None = None) -> dict[str, Any]:
+    """Run the sweep, pick the winner, register it; returns the leaderboard document.
+
+    ``objective_mode`` (default: the budget's) overrides how trials are ranked.
+    """
     import mlflow
     import ray
     from ray import tune
@@ -133,6 +161,9 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
 
     budget = SweepConfig.from_yaml(sweep_config).budgets[budget_name]
     trials = expand_trials(budget, cli_overrides or {})
+    mode = objective_mode or budget.objective_mode
+    if mode not in OBJECTIVE_MODES:
+        raise ValueError(f"unknown objective_mode {mode!r}; use one of {', '.join(OBJECTIVE_MODES)}")
     data_dir, storage_path = data_dir.resolve(), storage_path.resolve()
     sweep_name = f"sweep-{budget_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache_dir = os.environ.get("CXR_CACHE_DIR", str(REPO_ROOT / ".cache"))
@@ -142,7 +173,7 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
     started = time.perf_counter()
     with mlflow_run(experiment, sweep_name, {"sweep": sweep_name, "budget": budget_name,
                                              "git_commit": git_commit()}) as parent:
-        mlflow.log_params({"budget": budget_name, "trials": len(trials), "data_dir": str(data_dir),
+        mlflow.log_params({"budget": budget_name, "trials": len(trials), "data_dir": str(data_dir), "objective_mode": mode,
                            "ray_address": os.environ.get("RAY_ADDRESS", "local")})
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
@@ -155,7 +186,7 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
             trainable,
             param_space={"trial": tune.grid_search(trials), "data_dir": str(data_dir),
                          "out_root": str(storage_path / "runs"), "parent_run_id": parent.info.run_id,
-                         "sweep_name": sweep_name, "experiment": experiment},
+                         "sweep_name": sweep_name, "experiment": experiment, "objective_mode": mode},
             tune_config=tune.TuneConfig(
                 scheduler=ASHAScheduler(metric="val_macro_f1", mode="max", time_attr="training_iteration",
                                         grace_period=budget.asha.grace_period, max_t=budget.asha.max_t,
@@ -177,7 +208,8 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
         mlflow.set_tags({"winner_family": winner["family"], "winner_run_id": winner["mlflow_run_id"]})
         document = {"sweep": sweep_name, "budget": budget_name, "data_dir": str(data_dir),
                     "wall_seconds": round(wall, 1), "trials": rows, "winner": winner,
-                    "mlflow_parent_run_id": parent.info.run_id, "objective": OBJECTIVE_DOC}
+                    "mlflow_parent_run_id": parent.info.run_id, "objective_mode": mode,
+                    "objective": OBJECTIVE_DOCS[mode]}
         if register:
             bundle_dir = Path(winner["bundle_dir"])
             _attach_reference_profile(bundle_dir, data_dir)
@@ -189,8 +221,13 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
     return document
 
 
-OBJECTIVE_DOC = ("weighted validation specificity of the disease classes at their policy thresholds "
-                 "(priority weights 1, 1/2, ...), minus 1 per sensitivity floor missed, + 0.001 x macro AUC")
+OBJECTIVE_DOCS = {
+    "validation": ("weighted validation specificity of the disease classes at their policy thresholds "
+                   "(priority weights 1, 1/2, ...), minus 1 per sensitivity floor missed, + 0.001 x macro AUC"),
+    "worst_source": ("worst held-out source under leave-one-source-out: per disease class Youden's J at the "
+                     "policy thresholds minus the sensitivity shortfall below its floor, worst class, worst "
+                     "source; + 0.001 x that source's mean AUC"),
+}
 
 
 def leaderboard_rows(grid) -> list[dict[str, Any]]:
@@ -255,7 +292,7 @@ def write_leaderboard(document: dict[str, Any], out: Path) -> None:
         f"Sweep `{document['sweep']}` on `{document['data_dir']}`; wall time {document['wall_seconds']:.0f} s; "
         f"winner **{document['winner']['family']}** (registered version {document.get('registered_version', 'n/a')}).",
         "",
-        f"Objective: {document['objective']}.",
+        f"Objective (`{document.get('objective_mode', 'validation')}`): {document['objective']}.",
         "",
         "| rank | family | params | status | objective | val macro AUC | val macro-F1 | test macro AUC | train s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -276,11 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "sweep.yaml")
     parser.add_argument("--report-dir", type=Path, default=Path("reports/sweep"))
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--objective-mode", choices=OBJECTIVE_MODES, default=os.environ.get("SWEEP_OBJECTIVE") or None,
+                        help="rank trials on validation (default) or by the worst held-out source (slow)")
     parser.add_argument("overrides", nargs="*", help="applied to every trial, e.g. subset.train=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     document = run_sweep(args.budget, args.data_dir, args.storage_path, args.config, parse_overrides(args.overrides),
-                         register=not args.no_register, report_dir=args.report_dir)
+                         register=not args.no_register, report_dir=args.report_dir,
+                         objective_mode=args.objective_mode)
     print(Path(args.report_dir / "leaderboard.md").read_text())
     return 0
 

@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from cxr_core.hog import hog_features
 from training.config import TrainConfig
 from training.datasets import SplitArrays
+from training.materialize import fixed_matrix_training_split
 from training.train_torch import macro_f1
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,12 @@ def build_classifier(config: TrainConfig) -> Pipeline:
 
 
 def train_classical(config: TrainConfig, train: SplitArrays, val: SplitArrays, num_classes: int) -> tuple[Pipeline, dict]:
-    """Fit on HOG features of the training split; report validation macro-F1."""
+    """Fit on HOG features of the training split; report validation macro-F1.
+
+    The config's source balancing and resolution augmentation are materialized on the training
+    split first (:mod:`training.materialize`): a fixed matrix has no sampler to ask.
+    """
+    train = fixed_matrix_training_split(train, config)
     train_x = hog_features(train.pixels, config.classical.hog)
     classifier = build_classifier(config)
     classifier.fit(train_x, train.labels)

@@ -211,7 +211,14 @@ def cached_features(model: nn.Module, split: SplitArrays, config: TrainConfig) -
 
 def train_linear_probe(config: TrainConfig, train: SplitArrays, val: SplitArrays, num_classes: int,
                        on_epoch: EpochCallback | None = None) -> tuple[nn.Module, dict]:
-    """Frozen backbone + a linear head fitted on cached features (full-batch AdamW)."""
+    """Frozen backbone + a linear head fitted on cached features (full-batch AdamW).
+
+    Source balancing and resolution augmentation are materialized on the training split
+    (:mod:`training.materialize`), like the classical families.
+    """
+    from training.materialize import fixed_matrix_training_split
+
+    train = fixed_matrix_training_split(train, config)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes)
     train_x = torch.from_numpy(cached_features(model, train, config))

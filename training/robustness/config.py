@@ -50,10 +50,8 @@ class MitigationSpec(BaseModel):
     """A shortcut mitigation, as data: TrainConfig overrides plus what a wrapper must materialize.
 
     ``overrides`` are ordinary TrainConfig fields (``preprocess.clahe``, ``augment.*``,
-    ``source_balanced_sampler``) — deployable by a config change. Families that neither augment nor
-    sample on the fly (classical, probe) get the equivalent materialized on the training split:
-    ``augment_copies`` extra copies made with the config's resolution/blur/CLAHE augmentation, and
-    a per-label source-balanced resample when ``source_balanced_sampler`` is set. ``chest_crop``
+    ``source_balanced_sampler``, ``augment_copies``) — deployable by a config change; every training
+    mode honours them (classical and probe through :mod:`training.materialize`). ``chest_crop``
     (fraction cut from every side of the prepared image, all splits) is experimental: no
     PreprocessConfig field carries it into a bundle yet.
     """
@@ -62,7 +60,6 @@ class MitigationSpec(BaseModel):
 
     description: str = ""
     overrides: dict[str, Any] = {}
-    augment_copies: int = Field(0, ge=0, le=4)
     chest_crop: float = Field(0.0, ge=0.0, lt=0.3)
 
     @property

@@ -213,7 +213,7 @@ def choose_winner(results: dict[str, dict[str, Any]], mitigations: dict[str, Mit
         "by": "worst-source objective (training.objective.worst_source_objective)",
         "mitigation": best, "objective": scored[best], "baseline_objective": baseline,
         "beats_baseline": baseline is not None and best != "baseline" and scored[best] > baseline,
-        "config_overrides": spec.overrides, "augment_copies": spec.augment_copies,
+        "config_overrides": spec.overrides,
         "best_overall": best_overall, "best_overall_objective": scored[best_overall],
         "best_overall_deployable": best_overall not in mitigations or mitigations[best_overall].deployable,
         "ranking": sorted(scored, key=lambda n: -scored[n]),
@@ -243,7 +243,7 @@ def run_loso(base: TrainConfig, data_dir: Path, settings: RobustnessConfig, miti
     floors = base.policy.floors
     for name in mitigation_names:
         spec = settings.mitigations[name]
-        entry = {"description": spec.description, "overrides": spec.overrides, "augment_copies": spec.augment_copies,
+        entry = {"description": spec.description, "overrides": spec.overrides,
                  "chest_crop": spec.chest_crop, "deployable": spec.deployable, "folds": []}
         document["mitigations"][name] = entry
         for fold in folds:
@@ -346,7 +346,7 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
             lines.append(f"| {name} | " + " | ".join(_f(objective.get(f"heldout_score_{s}")) for s in sources) + " |")
     lines += ["", "Descriptions:", ""]
     lines += [f"- **{name}**: {entry['description']} overrides `{json.dumps(entry['overrides'])}`"
-              + (f", {entry['augment_copies']} materialized augmented copies" if entry["augment_copies"] else "")
+              + (f", {entry['augment_copies']} materialized augmented copies" if entry.get("augment_copies") else "")
               + (f", chest crop {entry['chest_crop']}" if entry["chest_crop"] else "")
               for name, entry in document["mitigations"].items()]
     for name, entry in document["mitigations"].items():
