@@ -64,7 +64,7 @@ train: mlflow ## train one family: make train MODEL=cnn3 (configs/train/$(MODEL)
 train-all: mlflow ## every family on the full data -> reports/train-all/summary.{json,md}
 	$(PY) -m training.train_all --data-dir $(DATA_DIR) --out $(REPORTS)/train-all
 
-sweep: mlflow ## Ray Tune sweep (SWEEP_BUDGET=small|full) -> registered champion, reports/sweep/leaderboard.{json,md}
+sweep: mlflow ## Ray Tune sweep (SWEEP_BUDGET=small|full, SWEEP_OBJECTIVE=validation|worst_source) -> registered champion, reports/sweep/leaderboard.{json,md}
 	$(PY) -m training.sweep --budget $(SWEEP_BUDGET) --data-dir $(DATA_DIR) --report-dir $(REPORTS)/sweep
 
 champion: mlflow ## run a small sweep only if no champion is registered yet

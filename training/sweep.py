@@ -106,6 +106,10 @@ def run_trial(spec: dict[str, Any]) -> None:
     config = config.model_copy(update={"run_name": spec["trial"]["label"], "experiment": spec["experiment"]})
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch + 1 >= config.epochs:
+            # The final report follows with the same number: an ASHA cut at the last epoch would
+            # save nothing and throw away a trained, evaluated model.
+            return
         run = mlflow.active_run()
         tune.report({"val_macro_f1": metrics["val_macro_f1"], "epoch": epoch + 1,
                      "mlflow_run_id": run.info.run_id if run else None, "final": False})
@@ -210,6 +214,7 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
                     "wall_seconds": round(wall, 1), "trials": rows, "winner": winner,
                     "mlflow_parent_run_id": parent.info.run_id, "objective_mode": mode,
                     "objective": OBJECTIVE_DOCS[mode]}
+        document["winner_test"] = winner_test_summary(Path(winner["bundle_dir"]))
         if register:
             bundle_dir = Path(winner["bundle_dir"])
             _attach_reference_profile(bundle_dir, data_dir)
@@ -251,6 +256,38 @@ def leaderboard_rows(grid) -> list[dict[str, Any]]:
             "error": str(result.error)[:300] if result.error else None,
         })
     return sorted(rows, key=lambda r: (r["objective"] is None, -(r["objective"] or 0)))
+
+
+def winner_test_summary(bundle_dir: Path) -> dict[str, Any]:
+    """The winner's test evaluation, per source and same-population (written next to its bundle).
+
+    The sweep ranks on validation; these are the numbers a reader needs before trusting the
+    winner: a model that learned the hospital looks good overall and bad within a population.
+    """
+    path = bundle_dir.parent / "evaluation" / "test" / "metrics.json"
+    if not path.exists():
+        return {}
+    metrics = json.loads(path.read_text())
+    policy = metrics.get("per_class", {}).get("policy", {})
+    return {
+        "macro_auc": metrics.get("macro_auc"),
+        "policy": {c: {"sensitivity": v.get("sensitivity"), "specificity": v.get("specificity")} for c, v in policy.items()},
+        "per_source": {source: {"n": m["n"], "counts": m["counts"], "accuracy_policy": m["accuracy_policy"],
+                                "policy": m["policy"], "auc": m["auc"]}
+                       for source, m in metrics.get("per_source", {}).items()},
+        "same_population": {c: {k: m.get(k) for k in ("sources", "n_disease", "n_reference", "auc",
+                                                      "policy_sensitivity", "policy_specificity")}
+                            for c, m in metrics.get("same_population", {}).items()},
+    }
+
+
+def best_per_family(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The best completed trial of each family, best first (the leaderboard's headline)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["status"] == "completed" and (row["family"] not in best or row["objective"] > best[row["family"]]["objective"]):
+            best[row["family"]] = row
+    return sorted(best.values(), key=lambda r: -r["objective"])
 
 
 def registry_tags(winner: dict[str, Any], sweep_name: str, bundle_dir: Path) -> dict[str, str]:
@@ -297,11 +334,32 @@ def write_leaderboard(document: dict[str, Any], out: Path) -> None:
         "| rank | family | params | status | objective | val macro AUC | val macro-F1 | test macro AUC | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for rank, row in enumerate(document["trials"], 1):
-        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {rank} | {row['family']} | {json.dumps(row['params'])} | {row['status']} | "
                      f"{fmt(row['objective'])} | {fmt(row['val_macro_auc'])} | {fmt(row['val_macro_f1'])} | "
                      f"{fmt(row['test_macro_auc'])} | {fmt(row['train_seconds'])} |")
+    lines += ["", "## Best trial per family", "",
+              "| family | best params | objective | val macro AUC | test macro AUC |", "|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {json.dumps(r['params'])} | {fmt(r['objective'])} | {fmt(r['val_macro_auc'])} | "
+              f"{fmt(r['test_macro_auc'])} |" for r in best_per_family(document["trials"])]
+    test = document.get("winner_test") or {}
+    if test:
+        lines += ["", f"## Winner on the test split ({document['winner']['family']})", "",
+                  "At the policy thresholds fitted on validation. Per source, because in this data the source "
+                  "(hospital, age group, resolution) predicts the label.", "",
+                  "| source | n (normal / pneumonia / TB) | policy accuracy | TB sens / spec | pneumonia sens / spec | AUC TB | AUC pneumonia |",
+                  "|---|---|---|---|---|---|---|"]
+        for source, m in test["per_source"].items():
+            counts, pol, auc = m["counts"], m["policy"], m["auc"]
+            sens_spec = lambda c: f"{fmt(pol.get(c, {}).get('sensitivity') if counts.get(c) else None)} / {fmt(pol.get(c, {}).get('specificity'))}"  # noqa: E731
+            lines.append(f"| {source} | {m['n']} ({counts.get('normal', 0)} / {counts.get('pneumonia', 0)} / "
+                         f"{counts.get('tuberculosis', 0)}) | {fmt(m['accuracy_policy'])} | {sens_spec('tuberculosis')} | "
+                         f"{sens_spec('pneumonia')} | {fmt(auc.get('tuberculosis'))} | {fmt(auc.get('pneumonia'))} |")
+        for name, m in test["same_population"].items():
+            lines.append(f"\nSame-population {name} vs normal (sources {', '.join(m['sources'] or [])}; "
+                         f"{m['n_disease']} vs {m['n_reference']}): AUC {fmt(m['auc'])}, policy sensitivity "
+                         f"{fmt(m['policy_sensitivity'])}, specificity {fmt(m['policy_specificity'])}.")
     (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
 
 
@@ -313,11 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "sweep.yaml")
     parser.add_argument("--report-dir", type=Path, default=Path("reports/sweep"))
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--rerender", action="store_true",
+                        help="rewrite leaderboard.md (and the winner's test summary) from <report-dir>/leaderboard.json; no training")
     parser.add_argument("--objective-mode", choices=OBJECTIVE_MODES, default=os.environ.get("SWEEP_OBJECTIVE") or None,
                         help="rank trials on validation (default) or by the worst held-out source (slow)")
     parser.add_argument("overrides", nargs="*", help="applied to every trial, e.g. subset.train=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.rerender:
+        document = json.loads((args.report_dir / "leaderboard.json").read_text())
+        document["winner_test"] = document.get("winner_test") or winner_test_summary(Path(document["winner"]["bundle_dir"]))
+        write_leaderboard(document, args.report_dir)
+        print((args.report_dir / "leaderboard.md").read_text())
+        return 0
     document = run_sweep(args.budget, args.data_dir, args.storage_path, args.config, parse_overrides(args.overrides),
                          register=not args.no_register, report_dir=args.report_dir,
                          objective_mode=args.objective_mode)
