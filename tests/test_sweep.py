@@ -43,7 +43,11 @@ def test_every_trial_is_an_mlflow_run_under_the_sweep(sweep, mlflow_server):
     assert completed and all(-2 <= r.data.metrics["objective"] <= 1.01 for r in completed)
     board = json.loads((out / "reports" / "leaderboard.json").read_text())
     assert board["winner"]["objective"] == max(r["objective"] for r in board["trials"] if r["objective"] is not None)
-    assert "| 1 |" in (out / "reports" / "leaderboard.md").read_text()
+    markdown = (out / "reports" / "leaderboard.md").read_text()
+    assert "| 1 |" in markdown and "## Best trial per family" in markdown
+    assert f"## Winner on the test split ({board['winner']['family']})" in markdown
+    assert set(board["winner_test"]["per_source"]) <= {"kaggle-cxr", "kermany", "tbdb", "tbx11k"}
+    assert sum(m["n"] for m in board["winner_test"]["per_source"].values()) == FAST["subset"]["test"] * 3
 
 
 def test_champion_loads_from_the_registry_and_predicts(sweep, data_dir, tmp_path):

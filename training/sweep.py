@@ -348,6 +348,9 @@ def write_leaderboard(document: dict[str, Any], out: Path) -> None:
         lines += ["", f"## Winner on the test split ({document['winner']['family']})", "",
                   "At the policy thresholds fitted on validation. Per source, because in this data the source "
                   "(hospital, age group, resolution) predicts the label.", "",
+                  f"All sources: macro AUC {fmt(test.get('macro_auc'))}; "
+                  + "; ".join(f"{c} sensitivity {fmt(m['sensitivity'])} / specificity {fmt(m['specificity'])}"
+                              for c, m in test.get("policy", {}).items() if c != "normal") + ".", "",
                   "| source | n (normal / pneumonia / TB) | policy accuracy | TB sens / spec | pneumonia sens / spec | AUC TB | AUC pneumonia |",
                   "|---|---|---|---|---|---|---|"]
         for source, m in test["per_source"].items():
