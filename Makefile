@@ -142,11 +142,11 @@ bench: install ## raw model vs TorchServe vs KServe front, then TorchServe tunin
 FAMILY ?= hog_logreg
 ROBUSTNESS ?= configs/robustness.yaml
 LOSO_NAME ?= loso
-loso: install ## leave-one-source-out of FAMILY x mitigations -> reports/robustness/$(LOSO_NAME).{json,md} (~1 h for hog_logreg)
+loso: install ## leave-one-source-out of FAMILY x mitigations -> reports/robustness/$(LOSO_NAME).{json,md} (~12 min for hog_logreg)
 	$(PY) -m training.robustness.loso --config configs/train/$(FAMILY).yaml --data-dir $(DATA_DIR) \
 		--robustness $(ROBUSTNESS) --out $(REPORTS)/robustness --name $(LOSO_NAME)
 
-perturb: install ## perturbation suite on BUNDLE=dir(s), else baseline + best mitigation of make loso -> reports/robustness/perturb.*
+perturb: install ## perturbation suite on BUNDLE=dir(s), else unmitigated + default + best mitigation of make loso -> reports/robustness/perturb.*
 	$(PY) -m training.robustness.perturb $(if $(BUNDLE),$(foreach b,$(BUNDLE),--bundle $(b)),--from-loso $(REPORTS)/robustness/$(LOSO_NAME).json) \
 		--data-dir $(DATA_DIR) --robustness $(ROBUSTNESS) --out $(REPORTS)/robustness
 

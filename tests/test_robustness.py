@@ -187,14 +187,40 @@ def test_fixed_matrix_training_split_materializes_the_default_mitigation_and_not
 
 
 def test_every_family_config_carries_the_chosen_mitigation():
-    """The LOSO winner is the default: each family config equals itself with the winner's overrides applied."""
+    """The LOSO winner (CLAHE + resolution/blur augmentation + source balancing) is the default:
+    every family config has it, and ``unmitigated`` changes exactly those settings back."""
     from pathlib import Path
 
     from training.robustness.mitigations import mitigated_config
 
     settings = RobustnessConfig.from_yaml("configs/robustness.yaml")
-    chosen = settings.mitigations["clahe_resolution_balanced"]
     for path in sorted(Path("configs/train").glob("*.yaml")):
         config = TrainConfig.from_yaml(path)
-        assert mitigated_config(config, chosen) == config, path
-        assert mitigated_config(config, settings.mitigations["unmitigated"]) != config, path
+        assert config.preprocess.clahe and config.source_balanced_sampler, path
+        assert (config.augment.downscale_probability, config.augment.blur_probability) == (0.5, 0.3), path
+        plain = mitigated_config(config, settings.mitigations["unmitigated"])
+        assert not plain.preprocess.clahe and not plain.source_balanced_sampler
+        assert plain.augment.downscale_probability == 0.0
+        changed = {k for k, v in config.model_dump().items() if plain.model_dump()[k] != v}
+        assert changed == {"preprocess", "augment", "source_balanced_sampler"}, path
+
+
+def test_audits_from_a_loso_report_default_to_before_and_after(tmp_path):
+    """``make perturb`` / ``make shortcuts`` audit the unmitigated config, the default and the LOSO
+    winner; an experimental winner is skipped (its bundle lacks its transform)."""
+    from training.robustness.perturb import bundles_from_loso
+
+    def entry(name, deployable=True):
+        return {"deployable": deployable, "summary": {"all_sources_test": {"bundle_dir": f"/runs/{name}"}}}
+
+    document = {"family": "hog_logreg", "winner": {"mitigation": "resolution_aug"},
+                "mitigations": {n: entry(n) for n in ("baseline", "unmitigated", "resolution_aug")}}
+    document["mitigations"]["chest_crop"] = entry("chest_crop", deployable=False)
+    path = tmp_path / "loso.json"
+    path.write_text(json.dumps(document))
+    assert bundles_from_loso(path) == ["hog_logreg-unmitigated=/runs/unmitigated", "hog_logreg=/runs/baseline",
+                                       "hog_logreg-resolution_aug=/runs/resolution_aug"]
+    assert bundles_from_loso(path, ["chest_crop", "baseline"]) == ["hog_logreg=/runs/baseline"]
+    document["winner"]["mitigation"] = "baseline"
+    path.write_text(json.dumps(document))
+    assert bundles_from_loso(path) == ["hog_logreg-unmitigated=/runs/unmitigated", "hog_logreg=/runs/baseline"]

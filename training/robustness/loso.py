@@ -198,21 +198,25 @@ def choose_winner(results: dict[str, dict[str, Any]], mitigations: dict[str, Mit
     """Best mitigation by the worst-source objective, overall and among those deployable by config.
 
     ``mitigation`` is the best deployable one (what ``--from-loso`` audits and what can become the
-    default); ``best_overall`` may be experimental. ``beats_baseline``: strictly higher objective.
+    default); ``best_overall`` may be experimental. ``reference`` is what "better" is measured
+    against: ``unmitigated`` when the report has it (the family configs carry a mitigation since
+    issue 9, so ``baseline`` is no longer the untreated model), else ``baseline``.
+    ``beats_reference``: strictly higher objective.
     """
     scored = {name: r["summary"]["objective"]["objective"] for name, r in results.items()
               if "objective" in r.get("summary", {})}
     if not scored:
         return {}
-    baseline = scored.get("baseline")
+    reference = "unmitigated" if "unmitigated" in scored else "baseline"
+    baseline = scored.get(reference)
     deployable = {n: v for n, v in scored.items() if n not in mitigations or mitigations[n].deployable}
     best_overall = max(scored, key=lambda n: scored[n])
     best = max(deployable, key=lambda n: deployable[n]) if deployable else best_overall
     spec = mitigations.get(best, MitigationSpec())
     return {
         "by": "worst-source objective (training.objective.worst_source_objective)",
-        "mitigation": best, "objective": scored[best], "baseline_objective": baseline,
-        "beats_baseline": baseline is not None and best != "baseline" and scored[best] > baseline,
+        "mitigation": best, "objective": scored[best], "reference": reference, "reference_objective": baseline,
+        "beats_reference": baseline is not None and best != reference and scored[best] > baseline,
         "config_overrides": spec.overrides,
         "best_overall": best_overall, "best_overall_objective": scored[best_overall],
         "best_overall_deployable": best_overall not in mitigations or mitigations[best_overall].deployable,
@@ -328,10 +332,11 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
         )
     winner = document.get("winner") or {}
     if winner:
+        reference = winner.get("reference", "baseline")
         lines += ["", f"Ranking by the worst-source objective: {', '.join(winner['ranking'])}. Best deployable by "
-                      f"config: **{winner['mitigation']}** ({_f(winner['objective'])} vs baseline "
-                      f"{_f(winner['baseline_objective'])}; {'beats' if winner['beats_baseline'] else 'does not beat'} "
-                      "the baseline)."]
+                      f"config: **{winner['mitigation']}** ({_f(winner['objective'])} vs {reference} "
+                      f"{_f(winner['reference_objective'])}; {'beats' if winner['beats_reference'] else 'does not beat'} "
+                      f"the {reference})."]
         if winner["best_overall"] != winner["mitigation"]:
             lines[-1] += (f" Best overall: {winner['best_overall']} ({_f(winner['best_overall_objective'])}), "
                           "experimental (no PreprocessConfig field carries it into a bundle yet).")

@@ -301,12 +301,14 @@ def bundle_name(spec: str) -> tuple[str, Path]:
 
 
 def bundles_from_loso(path: Path, mitigations: list[str] | None = None) -> list[str]:
-    """``NAME=DIR`` specs of the all-sources bundles a LOSO report trained: the baseline and the
-    winning mitigation by default (experimental mitigations are skipped: their bundles lack the
-    transform they were trained with)."""
+    """``NAME=DIR`` specs of the all-sources bundles a LOSO report trained: by default the
+    unmitigated config (when the report has it: the "before"), the baseline (the family config as
+    is) and the winning mitigation. Experimental mitigations are skipped: their bundles lack the
+    transform they were trained with."""
     document = json.loads(Path(path).read_text())
     winner = (document.get("winner") or {}).get("mitigation")
-    names = mitigations or ["baseline"] + ([winner] if winner and winner != "baseline" else [])
+    default = [n for n in ("unmitigated", "baseline") if n in document["mitigations"]]
+    names = mitigations or default + ([winner] if winner and winner not in default else [])
     specs = []
     for name in names:
         entry = document["mitigations"].get(name)
@@ -325,7 +327,7 @@ def bundles_from_loso(path: Path, mitigations: list[str] | None = None) -> list[
 def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", action="append", default=[], help="[NAME=]bundle directory (repeatable)")
     parser.add_argument("--from-loso", type=Path, default=None,
-                        help="also audit the all-sources bundles of a LOSO report (baseline + winner)")
+                        help="also audit the all-sources bundles of a LOSO report (unmitigated + baseline + winner)")
     parser.add_argument("--loso-mitigations", default="", help="with --from-loso: comma list instead of baseline + winner")
 
 
