@@ -70,6 +70,16 @@ def add_augmented_copies(split: SplitArrays, augment: AugmentConfig, copies: int
     return result
 
 
+def source_label_counts(split: SplitArrays) -> dict[str, int]:
+    """Rows per ``source/label`` of a split: what a fixed-matrix family was actually fitted on
+    (recorded in the bundle's training info, so a report can show the balancing happened)."""
+    counts: dict[str, int] = {}
+    for record in split.records:
+        key = f"{record.source}/{record.label}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def fixed_matrix_training_split(split: SplitArrays, config: TrainConfig) -> SplitArrays:
     """The training split a fixed-matrix family should fit on, from the config alone.
 

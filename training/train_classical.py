@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from cxr_core.hog import hog_features
 from training.config import TrainConfig
 from training.datasets import SplitArrays
-from training.materialize import fixed_matrix_training_split
+from training.materialize import fixed_matrix_training_split, source_label_counts
 from training.train_torch import macro_f1
 
 log = logging.getLogger(__name__)
@@ -49,4 +49,5 @@ def train_classical(config: TrainConfig, train: SplitArrays, val: SplitArrays, n
         raise ValueError(f"training split lacks classes: saw {list(classifier.classes_)} of {num_classes}")
     val_probs = classifier.predict_proba(hog_features(val.pixels, config.classical.hog))
     f1 = macro_f1(val.labels, np.log(np.clip(val_probs, 1e-7, 1)), num_classes)
-    return classifier, {"history": [{"val_macro_f1": f1}], "best_val_macro_f1": f1, "features": int(train_x.shape[1])}
+    return classifier, {"history": [{"val_macro_f1": f1}], "best_val_macro_f1": f1, "features": int(train_x.shape[1]),
+                        "fitted_rows": source_label_counts(train)}

@@ -216,7 +216,7 @@ def train_linear_probe(config: TrainConfig, train: SplitArrays, val: SplitArrays
     Source balancing and resolution augmentation are materialized on the training split
     (:mod:`training.materialize`), like the classical families.
     """
-    from training.materialize import fixed_matrix_training_split
+    from training.materialize import fixed_matrix_training_split, source_label_counts
 
     train = fixed_matrix_training_split(train, config)
     torch.manual_seed(config.seed)
@@ -254,4 +254,5 @@ def train_linear_probe(config: TrainConfig, train: SplitArrays, val: SplitArrays
         classifier.weight.copy_(head.weight / std)
         classifier.bias.copy_(head.bias - (head.weight * (mean / std)).sum(1))
     model.eval()
-    return model, {"history": history, "best_step": best[2], "best_val_macro_f1": best[0]}
+    return model, {"history": history, "best_step": best[2], "best_val_macro_f1": best[0],
+                   "fitted_rows": source_label_counts(train)}

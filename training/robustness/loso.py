@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_core.bundle import model_logits
+from cxr_core.bundle import model_logits, read_manifest
 from cxr_core.calibration import softmax
 from training.cache import load_pixel_array
 from training.config import TrainConfig, parse_overrides
@@ -130,6 +130,8 @@ def run_fold(base: TrainConfig, mitigation_name: str, mitigation: MitigationSpec
                          " + same-age normals from the other sources' test split"
                          if not any(r.label == reference for r in records if r.source == fold.holdout) else ""),
         "trained_on": {s: describe(loaded[s].records)["source_label"] for s in ("train", "val")},
+        # rows the model was fitted on after its config's sampling/augmentation (fixed-matrix families)
+        "fitted_on": read_manifest(result.bundle_dir).provenance.training_info.get("fitted_rows"),
         "n_train_rows": int(len(loaded["train"].labels)),
         "heldout_counts": describe(records),
         "temperature": round(result.temperature, 4),
@@ -379,7 +381,8 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
                   "Same-pop AUC: the class against reference (normal) images of the same age group. "
                   "\"normal kept\": share of held-out normal images the policy leaves normal. Thresholds are "
                   "fitted on the validation split left without the held-out source. The JSON's `trained_on` "
-                  "counts are the training rows after the mitigation's materialization (resampling, copies); "
+                  "counts are the images that reached training; `fitted_on` (classical and probe families) the "
+                  "rows fitted after source resampling and augmented copies; "
                   "each fold's `bundle_dir` is under the git-ignored runs/ folder.", ""]
     path.write_text("\n".join(lines))
 
