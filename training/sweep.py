@@ -132,7 +132,8 @@ def trial_objective(mode: str, config: TrainConfig, result, data_dir: Path, loso
     """The number the sweep ranks a finished trial by (:func:`training.objective.select_objective`).
 
     ``worst_source`` retrains the trial's config once per configured held-out source; the
-    validation objective's components are kept beside it (``val_*``) for the leaderboard.
+    validation objective, macro AUC and missed floors are kept beside it (``validation_objective``,
+    ``val_macro_auc``, ``floors_missed``) for the leaderboard.
     """
     from training.objective import clinical_objective, select_objective
 
