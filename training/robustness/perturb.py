@@ -324,11 +324,18 @@ def bundles_from_loso(path: Path, mitigations: list[str] | None = None) -> list[
     return specs
 
 
-def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+def add_audit_arguments(parser: argparse.ArgumentParser, report_name: str) -> None:
+    """The arguments every bundle audit (perturb, shortcuts) takes: bundles, data, settings, report."""
     parser.add_argument("--bundle", action="append", default=[], help="[NAME=]bundle directory (repeatable)")
     parser.add_argument("--from-loso", type=Path, default=None,
                         help="also audit the all-sources bundles of a LOSO report (unmitigated + baseline + winner)")
     parser.add_argument("--loso-mitigations", default="", help="with --from-loso: comma list instead of baseline + winner")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--exclusions", default="reports/audit/exclusions.json")
+    parser.add_argument("--robustness", type=Path, default=DEFAULT_CONFIG_PATH)
+    parser.add_argument("--out", type=Path, default=Path("reports/robustness"))
+    parser.add_argument("--name", default=report_name, help="report file stem (<out>/<name>.json, .md)")
+    parser.add_argument("--seed", type=int, default=20240611)
 
 
 def bundle_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -342,15 +349,9 @@ def bundle_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.robustness.perturb", description=__doc__.split("\n\n")[0])
-    add_bundle_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    add_audit_arguments(parser, "perturb")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit-per-class", type=int, default=None, help="seeded per-class sample (CPU budget)")
-    parser.add_argument("--exclusions", default="reports/audit/exclusions.json")
-    parser.add_argument("--robustness", type=Path, default=DEFAULT_CONFIG_PATH)
-    parser.add_argument("--out", type=Path, default=Path("reports/robustness"))
-    parser.add_argument("--name", default="perturb", help="report file stem (<out>/<name>.json, .md)")
-    parser.add_argument("--seed", type=int, default=20240611)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     specs = bundle_specs(parser, args)

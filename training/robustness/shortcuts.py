@@ -49,12 +49,12 @@ from cxr_core.explain import ZoneConfig, cam_heatmap, central_chest_box, lung_zo
 from cxr_core.hog import hog_features
 from cxr_core.preprocess import pixels_to_tensor
 from training.cache import load_pixel_array
-from training.data import ImageRecord, default_data_dir
+from training.data import ImageRecord
 from training.datasets import open_dataset, sample_per_class
 from training.provenance import git_commit, utc_now
-from training.robustness.config import DEFAULT_CONFIG_PATH, RobustnessConfig, ShortcutConfig
+from training.robustness.config import RobustnessConfig, ShortcutConfig
 from training.robustness.measures import operating_point_metrics, value
-from training.robustness.perturb import add_bundle_arguments, bundle_name, bundle_specs
+from training.robustness.perturb import add_audit_arguments, bundle_name, bundle_specs
 from training.robustness.populations import UNKNOWN_AGE, age_group
 
 log = logging.getLogger("training.robustness.shortcuts")
@@ -342,13 +342,7 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.robustness.shortcuts", description=__doc__.split("\n\n")[0])
-    add_bundle_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--exclusions", default="reports/audit/exclusions.json")
-    parser.add_argument("--robustness", type=Path, default=DEFAULT_CONFIG_PATH)
-    parser.add_argument("--out", type=Path, default=Path("reports/robustness"))
-    parser.add_argument("--name", default="shortcuts", help="report file stem (<out>/<name>.json, .md)")
-    parser.add_argument("--seed", type=int, default=20240611)
+    add_audit_arguments(parser, "shortcuts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     specs = bundle_specs(parser, args)
