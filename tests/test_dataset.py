@@ -8,7 +8,7 @@ from tests.conftest import make_subset
 from training.data import dataset_fingerprint, discover_dataset
 
 
-def test_default_dataset_matches_manifest(data_dir, manifest_counts):
+def test_default_dataset_matches_manifest(data_dir, manifest_counts, manifest_rows):
     dataset = discover_dataset(data_dir)
     assert dataset.classes == ["normal", "pneumonia", "tuberculosis"]
     assert dataset.splits == ["train", "val", "test"]
@@ -17,7 +17,7 @@ def test_default_dataset_matches_manifest(data_dir, manifest_counts):
     for (split, label), expected in manifest_counts.items():
         assert sum(1 for r in dataset.records if r.split == split and r.label == label) == expected
     assert "unknown" not in dataset.sources()
-    assert set(dataset.sources()) == {"kaggle-cxr", "kermany", "tbx11k", "tbdb"}
+    assert set(dataset.sources()) == {row["source_dataset"] for row in manifest_rows}
     assert len(dataset_fingerprint(dataset)) == 64
 
 

@@ -1,7 +1,7 @@
 """The drift job end to end on real images, a real (tiny) bundle and real Evidently.
 
-Reference: the bundle's features on the default validation split (520 images). Current: audit logs
-written by replaying the held-out test split (519 images) through the bundle with the serving
+Reference: the bundle's features on the default validation split. Current: audit logs
+written by replaying the held-out test split through the bundle with the serving
 feature code, (a) as they are, (b) darkened / with a black border / contrast-reduced, (c) with
 over-confident probabilities and radiologists' labels for half of the requests.
 """
@@ -88,16 +88,21 @@ def test_reference_profile_is_stored_with_the_bundle(monitoring_bundle, data_dir
     assert from_uri.info["rows"] == 10 and from_uri.info["model"] == "hog_logreg"
 
 
-def test_a_same_source_images_are_ok(logs, reference_csv, tmp_path):
+def split_size(manifest_counts, split: str) -> int:
+    return sum(count for (name, _), count in manifest_counts.items() if name == split)
+
+
+def test_a_same_source_images_are_ok(logs, reference_csv, tmp_path, manifest_counts):
     summary = run_drift(logs["same_source"], reference_csv, tmp_path / "a", config=CONFIG)
     assert summary["decision"] == "ok" and summary["exit_code"] == 0, summary["reasons"]
     key_psi = {c: summary["psi"][c] for c in summary["key_features"]}
     assert set(key_psi) >= {"mean_intensity", "std_intensity", "border_ratio", "p_normal", "p_tuberculosis"}
     assert max(key_psi.values()) < PSI, key_psi
     assert all(abs(v["shift"]) < CONFIG.thresholds.class_share for v in summary["class_share"].values())
-    assert summary["current"]["rows"] == 519 and summary["reference"]["rows"] == 520
+    n_test, n_val = split_size(manifest_counts, "test"), split_size(manifest_counts, "val")
+    assert summary["current"]["rows"] == n_test and summary["reference"]["rows"] == n_val
     assert summary["ece"]["current"] is None  # no confirmed labels
-    assert summary["ece"]["reference"]["n_labelled"] == 520  # the profile's own labels
+    assert summary["ece"]["reference"]["n_labelled"] == n_val  # the profile's own labels
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert on_disk["decision"] == "ok" and on_disk["psi"]["mean_intensity"] == pytest.approx(key_psi["mean_intensity"], abs=1e-6)
 
@@ -117,7 +122,7 @@ def test_b_acquisition_shift_means_retrain(shift, logs, reference_csv, tmp_path)
     assert "cxr-screen drift: retrain" in html and f"PSI of key feature {AFFECTED_FEATURES[shift][0]}" in html
 
 
-def test_c_overconfident_labelled_feedback_raises_ece(logs, labels, reference_csv, tmp_path):
+def test_c_overconfident_labelled_feedback_raises_ece(logs, labels, reference_csv, tmp_path, manifest_counts):
     records = [json.loads(line) for line in logs["same_source"].read_text().splitlines()]
     store = FeedbackStore(tmp_path / "feedback.db")
     labelled = sorted(labels)[::2]
@@ -128,7 +133,7 @@ def test_c_overconfident_labelled_feedback_raises_ece(logs, labels, reference_cs
     sharpened = write_audit_log([overconfident(r, 10.0) for r in records], tmp_path / "c" / "audit.jsonl")
     summary = run_drift(sharpened, reference_csv, tmp_path / "c", config=CONFIG, feedback_db=tmp_path / "feedback.db")
     ece = summary["ece"]["current"]
-    assert ece["n_labelled"] == len(labelled) == 260
+    assert ece["n_labelled"] == len(labelled) == (split_size(manifest_counts, "test") + 1) // 2
     assert ece["equal_width"] > CONFIG.thresholds.ece and ece["adaptive"] > CONFIG.thresholds.ece
     assert ece["equal_width"] > honest["ece"]["current"]["equal_width"]
     assert summary["decision"] == "retrain"
@@ -150,7 +155,7 @@ def test_cli_exit_status_and_cronjob_flags(logs, reference_csv, tmp_path):
 
 
 def test_sliding_window_today_against_reference_and_yesterday(logs, reference_csv, tmp_path):
-    # 519 requests two minutes apart: the last 0.3 days hold 216 requests, the 0.3 days before another 216;
+    # one request every two minutes (the test split holds more than 432): the last 0.3 days hold 216 requests, the 0.3 days before another 216;
     # today is compared with the reference (it decides) and with yesterday (reported)
     table = read_audit_log(logs["same_source"])
     now = table.frame["time"].max().to_pydatetime() + timedelta(minutes=1)

@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxr_core.calibration import softmax
+from cxr_core.policy import ClassRule, FittedPolicy, PolicyConfig
 from training.evaluate import evaluate_predictions, write_evaluation_markdown
 from training.metrics import (
     average_metrics,
@@ -26,21 +27,31 @@ from training.metrics import (
 CLASSES = ["normal", "pneumonia", "tuberculosis"]
 FLOORS = {"tuberculosis": 0.9, "pneumonia": 0.85}
 THRESHOLDS = {"tuberculosis": 0.25, "pneumonia": 0.35}
-PRIORITY = ["tuberculosis", "pneumonia"]
 
 # confusion (rows true, columns decided): [[3,1,0],[1,2,0],[0,1,2]]
 HAND_TRUE = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
 HAND_PRED = np.array([0, 0, 0, 1, 0, 1, 1, 1, 2, 2])
 
 
-def hierarchical(probs: np.ndarray, classes: list[str], priority: list[str], thresholds: dict) -> np.ndarray:
-    """The policy rule, re-stated here so the test does not depend on the policy module."""
-    fallback = next(k for k, name in enumerate(classes) if name not in priority)
-    decisions = np.full(probs.shape[0], fallback)
-    for name in reversed(priority):
-        k = classes.index(name)
-        decisions[probs[:, k] >= thresholds[name]] = k
-    return decisions
+def policy_decisions(probs: np.ndarray, classes: list[str], floors: dict[str, float], thresholds: dict) -> np.ndarray:
+    """Decisions of the real :class:`FittedPolicy` (priority = the order of ``floors``) at fixed thresholds."""
+    fallback = next(name for name in classes if name not in floors)
+    config = PolicyConfig(priority=[ClassRule(name=name, min_sensitivity=floor) for name, floor in floors.items()]
+                          + [ClassRule(name=fallback, triage="routine")])
+    return FittedPolicy(config=config, classes=classes, thresholds=thresholds).decide_indices(probs)
+
+
+def top_label_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Equal-width top-label ECE written out by hand: sum over bins of |accuracy - confidence| x share."""
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for k in range(n_bins):
+        low, high = k / n_bins, (k + 1) / n_bins
+        members = (confidence > low) & (confidence <= high) if k else (confidence >= low) & (confidence <= high)
+        if members.any():
+            gap = abs((predicted[members] == labels[members]).mean() - confidence[members].mean())
+            total += gap * members.sum() / len(labels)
+    return float(total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +152,7 @@ def synthetic(tmp_path_factory):
         Image.fromarray(np.full((16, 16), (i * 7) % 255, dtype=np.uint8)).save(path)
     temperature = 1.3
     probs = softmax(logits, temperature)
-    policy = hierarchical(probs, CLASSES, PRIORITY, THRESHOLDS)
+    policy = policy_decisions(probs, CLASSES, FLOORS, THRESHOLDS)
     out = tmp_path_factory.mktemp("eval")
     metrics = evaluate_predictions(
         CLASSES, y_true, logits, temperature, policy, THRESHOLDS, FLOORS, sources, relpaths, out,
@@ -185,7 +196,12 @@ def test_policy_vs_argmax_equals_direct_computation(synthetic):
         assert metrics["per_class"]["policy"][name]["sensitivity"] == pytest.approx(sens_p)
         assert metrics["per_class"]["argmax"][name]["specificity"] == pytest.approx(spec_a)
         holds = metrics["floor_holds_bootstrap"][name]
-        assert 0.0 <= holds["share"] <= 1.0 and holds["floor"] == FLOORS[name]
+        assert holds["floor"] == FLOORS[name] and holds["n_resamples"] == 200
+        assert holds["policy_sensitivity"] == pytest.approx(sens_p)
+        # the same 200 seeded resamples (seed 0) drawn by hand: the share whose sensitivity holds the floor
+        draws = np.random.default_rng(0).integers(0, len(y), size=(200, len(y)))
+        held = [(policy[rows][y[rows] == k] == k).mean() >= FLOORS[name] for rows in draws]
+        assert holds["share"] == pytest.approx(np.mean(held))
     assert metrics["policy_vs_argmax"]["tuberculosis"]["sensitivity_gained"] > 0  # low threshold gains
     assert set(metrics["per_class"]) == {"argmax", "policy"}
     ci = metrics["per_class"]["policy"]["tuberculosis"]["sensitivity_ci"]
@@ -214,8 +230,11 @@ def test_per_source_calibration_and_worklists(synthetic):
     assert metrics["per_source"]["adult"]["auc"]["tuberculosis"] is not None
     calibration = metrics["calibration"]
     assert calibration["temperature"] == synthetic["temperature"]
-    for key in ("ece_before", "ece_after", "adaptive_ece_before", "adaptive_ece_after"):
-        assert 0 <= calibration[key] <= 1
+    n_bins, temperature = calibration["n_bins"], synthetic["temperature"]
+    assert calibration["ece_before"] == pytest.approx(top_label_ece(softmax(synthetic["logits"]), y, n_bins))
+    assert calibration["ece_after"] == pytest.approx(top_label_ece(softmax(synthetic["logits"], temperature), y, n_bins))
+    for key in ("adaptive_ece_before", "adaptive_ece_after"):
+        assert 0 < calibration[key] < 0.5
 
     with open(out / "worklist_missed.csv", newline="") as handle:
         missed = list(csv.DictReader(handle))
@@ -237,7 +256,7 @@ def test_two_classes_work(tmp_path):
     layout = {"adult": {"normal": 40, "tuberculosis": 40}, "tbx": {"tuberculosis": 20}}
     y_true, logits, sources, relpaths = make_synthetic(classes, layout, seed=2, confident_wrong_rows=2)
     probs = softmax(logits)
-    policy = hierarchical(probs, classes, ["tuberculosis"], {"tuberculosis": 0.3})
+    policy = policy_decisions(probs, classes, {"tuberculosis": 0.9}, {"tuberculosis": 0.3})
     metrics = evaluate_predictions(
         classes, y_true, logits, 1.0, policy, {"tuberculosis": 0.3}, {"tuberculosis": 0.9}, sources, relpaths,
         tmp_path, n_bootstrap=0,  # training evaluates validation without resampling

@@ -53,15 +53,18 @@ def test_hierarchical_rule_on_hand_made_rows():
     policy.thresholds.update({"tuberculosis": 0.30, "pneumonia": 0.40})
     rows = np.array([
         [0.10, 0.55, 0.35],  # TB reaches its threshold first, although pneumonia is larger
-        [0.50, 0.45, 0.05],  # TB below, pneumonia reaches 0.40
+        [0.47, 0.48, 0.05],  # TB below, pneumonia reaches 0.40 (0.08 above: not gray)
         [0.70, 0.20, 0.10],  # nothing fires: fallback normal
-        [0.36, 0.35, 0.29],  # nothing fires, TB within the gray zone -> review
+        [0.38, 0.33, 0.29],  # nothing fires, TB 0.01 below its threshold (gray), pneumonia 0.07 below (not)
+        [0.40, 0.37, 0.23],  # nothing fires, pneumonia 0.03 below (gray), TB 0.07 below (not)
     ])
-    assert [CLASSES[i] for i in policy.decide_indices(rows)] == ["tuberculosis", "pneumonia", "normal", "normal"]
+    assert [CLASSES[i] for i in policy.decide_indices(rows)] == ["tuberculosis", "pneumonia", "normal", "normal", "normal"]
     first = policy.decide(rows[0])
     assert first.fired_class == "tuberculosis" and first.threshold == 0.30 and first.triage == "urgent"
     assert policy.decide(rows[2]).triage == "routine" and policy.decide(rows[2]).fired_class is None
     assert policy.decide(rows[3]).triage == "review" and policy.decide(rows[3]).gray_zone == ["tuberculosis"]
+    assert policy.decide(rows[4]).triage == "review" and policy.decide(rows[4]).gray_zone == ["pneumonia"]
+    assert policy.decide(rows[1]).gray_zone == [] and policy.decide(rows[2]).gray_zone == []
     assert policy.decide(rows[2], quality_concern=True).triage == "review"
 
 
@@ -73,8 +76,12 @@ def test_missing_and_unranked_classes_are_reported_loudly(caplog):
     assert policy.unranked_classes == ["covid"]
     assert any("tuberculosis" in w for w in policy.warnings)
     assert "does not have" in caplog.text
-    decided = policy.decide_indices(probs)
-    assert set(np.unique(decided)) <= {0, 1, 2}
+    # pneumonia is ranked and present: its threshold still fires; when nothing fires, the fallback
+    # (normal) and the unranked class (covid) are decided by argmax between themselves
+    policy.thresholds["pneumonia"] = 0.5
+    rows = np.array([[0.2, 0.1, 0.7], [0.6, 0.1, 0.3], [0.1, 0.6, 0.3], [0.15, 0.45, 0.40]])
+    assert [classes[i] for i in policy.decide_indices(rows)] == ["covid", "normal", "pneumonia", "covid"]
+    assert policy.decide(rows[0]).triage == "review"  # a class the policy does not rank asks for a reader
 
 
 def test_two_class_policy():

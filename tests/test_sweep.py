@@ -27,7 +27,7 @@ def sweep(data_dir, mlflow_server, tmp_path_factory):
     return document, out
 
 
-def test_every_trial_is_an_mlflow_run_under_the_sweep(sweep, mlflow_server):
+def test_every_trial_is_an_mlflow_run_under_the_sweep(sweep, mlflow_server, manifest_rows):
     document, out = sweep
     families = {row["family"] for row in document["trials"]}
     assert {"hog_logreg", "cnn3"} <= families
@@ -46,7 +46,8 @@ def test_every_trial_is_an_mlflow_run_under_the_sweep(sweep, mlflow_server):
     markdown = (out / "reports" / "leaderboard.md").read_text()
     assert "| 1 |" in markdown and "## Best trial per family" in markdown
     assert f"## Winner on the test split ({board['winner']['family']})" in markdown
-    assert set(board["winner_test"]["per_source"]) <= {"kaggle-cxr", "kermany", "tbdb", "tbx11k"}
+    sources = {row["source_dataset"] for row in manifest_rows if row["split"] == "test"}
+    assert set(board["winner_test"]["per_source"]) <= sources
     assert sum(m["n"] for m in board["winner_test"]["per_source"].values()) == FAST["subset"]["test"] * 3
 
 
@@ -70,8 +71,7 @@ def test_promote_and_rollback_move_the_aliases(sweep):
     document, _ = sweep
     first = document["registered_version"]
     source = registry.client().get_model_version(registry.REGISTERED_MODEL, first)
-    second = registry.client().create_model_version(registry.REGISTERED_MODEL, source=source.source,
-                                                    run_id=source.run_id).version
+    second = mlflow.register_model(source.source, registry.REGISTERED_MODEL).version  # the same pyfunc model again
     assert registry.promote_version(second) == {"champion": second, "previous": first}
     assert registry.alias_version("champion") == second and registry.alias_version("previous") == first
     assert registry.rollback() == {"champion": first, "previous": second}
@@ -102,3 +102,24 @@ def test_worst_source_objective_ranks_a_trial_by_its_worst_held_out_source(data_
     assert len(list((tmp_path / "loso").rglob("bundle"))) == 4  # one retraining per held-out source
     with pytest.raises(ValueError):
         worst_source_objective({}, config.policy.floors)
+
+
+def test_champion_pyfunc_gives_the_endpoint_decision(sweep, data_dir, tmp_path):
+    """What an MLOps engineer tries first: ``mlflow.pyfunc.load_model`` on the champion alias."""
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/cxr-screen@champion")
+    assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["image"]
+    images = [sorted((data_dir / "test" / label).glob("*.jpg"))[0] for label in ("normal", "pneumonia", "tuberculosis")]
+    answers = model.predict(pd.DataFrame({"image": [path.read_bytes() for path in images] + [b"not an image"]}))
+    by_path = model.predict(pd.DataFrame({"image": [str(path) for path in images]}))
+    bundle_dir, _ = registry.fetch_bundle("models:/cxr-screen@champion", tmp_path / "champion")
+    predictor = load_bundle(bundle_dir)
+    for row, again, path in zip(answers.to_dict("records"), by_path.to_dict("records"), images):
+        expected = predictor.predict_bytes(path.read_bytes())
+        assert (row["label"], row["triage"], row["fired_class"]) == (
+            expected.decision.label, expected.decision.triage, expected.decision.fired_class)
+        assert row["p_tuberculosis"] == pytest.approx(expected.probabilities["tuberculosis"], abs=1e-6)
+        assert row["error_code"] is None and again["label"] == row["label"]
+    refused = answers.to_dict("records")[-1]
+    assert refused["label"] is None and refused["error_code"] == "not_an_image" and refused["error"]

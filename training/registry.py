@@ -10,6 +10,7 @@ a new version and promotes it; ``make promote VERSION=n`` and ``make rollback`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ REGISTERED_MODEL = "cxr-screen"
 CHAMPION = "champion"
 PREVIOUS = "previous"
 BUNDLE_ARTIFACT = "champion-bundle"
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"  # logged as code: no serving import here
 
 
 def client() -> mlflow.MlflowClient:
@@ -41,20 +43,60 @@ def alias_version(alias: str, name: str = REGISTERED_MODEL) -> str | None:
         return None
 
 
+def model_signature(classes: list[str]):
+    """The pyfunc signature: an ``image`` column of bytes in; the decision and one probability per class out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", "label"), ColSpec("string", "triage"),
+               ColSpec("string", "fired_class", required=False), ColSpec("double", "threshold", required=False),
+               ColSpec("string", "gray_zone", required=False), ColSpec("string", "error_code", required=False),
+               ColSpec("string", "error", required=False)]
+    outputs += [ColSpec("double", f"p_{name}", required=False) for name in classes]
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs))
+
+
+def _pip_requirements() -> list[str]:
+    """The project's pinned top-level requirements (what ``make install`` installs)."""
+    path = PYFUNC_CODE.parents[1] / "requirements.txt"
+    if not path.exists():
+        return []
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines()
+            if line.split("#")[0].strip() and not line.startswith("-")]
+
+
+def log_pyfunc(bundle_dir: Path, run_id: str) -> str:
+    """Log ``bundle_dir`` as the pyfunc model of ``run_id`` (``serving/pyfunc.py``); returns its model URI."""
+    from cxr_core.bundle import read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != run_id:
+        raise RuntimeError(f"run {active.info.run_id} is active; register after it ends (run {run_id})")
+    with contextlib.nullcontext() if active is not None else mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name=BUNDLE_ARTIFACT, python_model=str(PYFUNC_CODE),
+                                       artifacts={"bundle": str(bundle_dir)},
+                                       signature=model_signature(manifest.classes),
+                                       pip_requirements=_pip_requirements())
+    return info.model_uri
+
+
 def register_bundle(bundle_dir: Path, run_id: str, tags: dict[str, str], promote: bool = True,
                     name: str = REGISTERED_MODEL) -> str:
-    """Log ``bundle_dir`` to ``run_id`` and register it as a new version (optionally champion)."""
-    mlflow_client = client()
-    mlflow_client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT)
+    """Log ``bundle_dir`` to ``run_id`` as a pyfunc model and register it as a new version (optionally champion).
+
+    The version's pyfunc predicts what the endpoint answers
+    (``mlflow.pyfunc.load_model("models:/cxr-screen@champion").predict(...)``); the bundle inside it
+    is what :func:`fetch_bundle`, ``make mar`` and the drift job read.
+    """
     try:
-        mlflow_client.create_registered_model(
+        client().create_registered_model(
             name, description="Chest X-ray screening (tuberculosis, pneumonia): bundle with calibration and policy")
     except MlflowException as error:
         if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
             raise
-    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT}"
-    version = mlflow_client.create_model_version(name, source=source, run_id=run_id,
-                                                 tags={k: str(v)[:5000] for k, v in tags.items()}).version
+    model_uri = log_pyfunc(Path(bundle_dir), run_id)
+    version = mlflow.register_model(model_uri, name, tags={k: str(v)[:5000] for k, v in tags.items()}).version
     log.info("registered %s version %s from run %s", name, version, run_id)
     if promote:
         promote_version(version, name)

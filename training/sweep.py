@@ -161,7 +161,6 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from training.registry import register_bundle
     from training.tracking import mlflow_run
 
     budget = SweepConfig.from_yaml(sweep_config).budgets[budget_name]
@@ -216,15 +215,28 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
                     "mlflow_parent_run_id": parent.info.run_id, "objective_mode": mode,
                     "objective": OBJECTIVE_DOCS[mode]}
         document["winner_test"] = winner_test_summary(Path(winner["bundle_dir"]))
-        if register:
-            bundle_dir = Path(winner["bundle_dir"])
-            _attach_reference_profile(bundle_dir, data_dir)
-            version = register_bundle(bundle_dir, parent.info.run_id, registry_tags(winner, sweep_name, bundle_dir))
-            document["registered_version"] = version
-            log.info("registered cxr-screen version %s (%s) as champion", version, winner["family"])
+    if register:
+        document["registered_version"] = register_winner(document, data_dir)
     if report_dir is not None:
         write_leaderboard(document, report_dir)
     return document
+
+
+def register_winner(document: dict[str, Any], data_dir: Path) -> str:
+    """Registration, its own step after the sweep has ended: reference profile, pyfunc model, new champion.
+
+    The winner's bundle gets its drift reference profile, is logged to the finished sweep's parent
+    run as the pyfunc model and registered as a new version of ``cxr-screen`` with alias ``champion``.
+    """
+    from training.registry import register_bundle
+
+    winner = document["winner"]
+    bundle_dir = Path(winner["bundle_dir"])
+    _attach_reference_profile(bundle_dir, Path(data_dir).resolve())
+    version = register_bundle(bundle_dir, document["mlflow_parent_run_id"],
+                              registry_tags(winner, document["sweep"], bundle_dir))
+    log.info("registered cxr-screen version %s (%s) as champion", version, winner["family"])
+    return version
 
 
 OBJECTIVE_DOCS = {

@@ -6,7 +6,8 @@ The rules follow ``../shared/data/cxr3/SOURCES.md`` and the manifest (``source_d
 Age group (pediatric vs adult), from the source, never from the pixels:
 - pediatric: every ``kermany`` image; every ``kaggle-cxr`` pneumonia image (the Kaggle set's
   pneumonia images are Kermany's, ages 1-5); any image whose manifest lists a Kermany duplicate;
-- adult: ``tbx11k`` and ``tbdb``; ``kaggle-cxr`` tuberculosis; ``kaggle-cxr`` normal without a
+- adult: ``tbx11k``, ``tbdb`` and ``nih-cxr14`` (cxr3 version 2 kept NIH patients aged 18-85 only);
+  ``kaggle-cxr`` tuberculosis; ``kaggle-cxr`` normal without a
   Kermany duplicate (SOURCES.md counts these as adult: 986 adult normals = 784 kaggle-cxr + 202
   tbdb; a random contact sheet of them shows adult chests);
 - anything else (another data set without these sources): ``unknown``.
@@ -29,10 +30,10 @@ PEDIATRIC = "pediatric"
 ADULT = "adult"
 UNKNOWN_AGE = "unknown"
 PEDIATRIC_SOURCES = frozenset({"kermany"})
-ADULT_SOURCES = frozenset({"tbx11k", "tbdb"})
+ADULT_SOURCES = frozenset({"tbx11k", "tbdb", "nih-cxr14"})
 MIXED_SOURCE = "kaggle-cxr"
 AGE_RULE = ("pediatric = kermany, kaggle-cxr pneumonia, and any image with a Kermany duplicate; adult = tbx11k, "
-            "tbdb, kaggle-cxr tuberculosis and kaggle-cxr normal without a Kermany duplicate (counted adult by "
+            "tbdb, nih-cxr14 (ages 18-85), kaggle-cxr tuberculosis and kaggle-cxr normal without a Kermany duplicate (counted adult by "
             "SOURCES.md; a contact sheet shows adult chests)")
 
 
