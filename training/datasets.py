@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,43 @@ def load_split(dataset: Dataset, split: str, preprocess: PreprocessConfig, subse
     pixels = load_pixel_array([r.path for r in records], preprocess, workers=workers, desc=f"loading {split}")
     labels = np.asarray([dataset.classes.index(r.label) for r in records], dtype=np.int64)
     return SplitArrays(name=split, pixels=pixels, labels=labels, records=records)
+
+
+TRAINING_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TrainingData:
+    """What :func:`training.train.run_training` trains, calibrates and tests on: its seam.
+
+    ``dataset`` is the data set as discovered (its fingerprint goes into provenance); ``splits``
+    are the arrays actually used. Callers that train on a restricted or transformed view
+    (leave-one-source-out, mitigations) build it with :func:`load_training_data` and pass it in,
+    instead of patching the loader.
+    """
+
+    data_dir: Path
+    dataset: Dataset
+    splits: dict[str, SplitArrays]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+
+def load_training_data(data_dir: Path, exclusions: str | Path | None, preprocess: PreprocessConfig,
+                       subset: SubsetConfig, seed: int, keep: Callable[[ImageRecord], bool] | None = None,
+                       transform: Callable[[SplitArrays], SplitArrays] | None = None) -> TrainingData:
+    """Open ``data_dir`` and load train/val/test: ``keep`` filters records first, ``transform`` maps each split."""
+    dataset = open_dataset(data_dir, exclusions)
+    view = dataset if keep is None else Dataset(
+        root=dataset.root, classes=dataset.classes, records=[r for r in dataset.records if keep(r)],
+        manifest_sha256=dataset.manifest_sha256, excluded=dataset.excluded)
+    splits = {}
+    for name in TRAINING_SPLITS:
+        arrays = load_split(view, name, preprocess, subset, seed)
+        splits[name] = transform(arrays) if transform is not None else arrays
+    return TrainingData(data_dir=Path(data_dir), dataset=dataset, splits=splits)
 
 
 class PixelDataset(TorchDataset):

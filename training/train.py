@@ -28,7 +28,7 @@ from cxr_core.calibration import fit_temperature, softmax
 from cxr_core.policy import FittedPolicy, fit_policy_thresholds
 from training.config import TrainConfig, parse_overrides
 from training.data import dataset_fingerprint, default_data_dir
-from training.datasets import SplitArrays, load_split, open_dataset
+from training.datasets import SplitArrays, TrainingData, load_training_data
 from training.evaluate import evaluate_predictions
 from training.provenance import git_commit, package_versions, utc_now
 
@@ -82,14 +82,19 @@ def model_spec(config: TrainConfig) -> ModelSpec:
     return ModelSpec(kind="torch", name=config.model, kwargs=dict(config.model_kwargs), training_mode=config.mode)
 
 
-def run_training(config: TrainConfig, data_dir: Path, out_root: Path, track: bool = True,
+def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path, track: bool = True,
                  parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
                  on_epoch=None) -> TrainResult:
-    """The whole pipeline for one config. ``track=False`` skips MLflow (offline experiments)."""
+    """The whole pipeline for one config. ``track=False`` skips MLflow (offline experiments).
+
+    ``data`` is a data folder (loaded with the config's exclusions, preprocessing and subset) or
+    the :class:`TrainingData` a caller prepared, e.g. without a held-out source.
+    """
     seed_everything(config.seed, config.num_threads)
-    dataset = open_dataset(data_dir, config.exclusions)
+    if not isinstance(data, TrainingData):
+        data = load_training_data(Path(data), config.exclusions, config.preprocess, config.subset, config.seed)
+    data_dir, dataset, splits = data.data_dir, data.dataset, data.splits
     classes = dataset.classes
-    splits = {name: load_split(dataset, name, config.preprocess, config.subset, config.seed) for name in ("train", "val", "test")}
     for name, split in splits.items():
         if len(split.labels) == 0:
             raise ValueError(f"split {name!r} is empty in {data_dir}")

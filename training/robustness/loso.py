@@ -26,8 +26,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,8 @@ from cxr_core.bundle import model_logits, read_manifest
 from cxr_core.calibration import softmax
 from training.cache import load_pixel_array
 from training.config import TrainConfig, parse_overrides
-from training.data import Dataset, ImageRecord, default_data_dir
-from training.datasets import SplitArrays, open_dataset
+from training.data import Dataset, default_data_dir
+from training.datasets import load_training_data, open_dataset
 from training.evaluate import evaluate_predictions
 from training.objective import worst_source_objective
 from training.provenance import git_commit, utc_now
@@ -50,35 +49,6 @@ from training.robustness.populations import AGE_RULE, age_group, describe, heldo
 log = logging.getLogger("training.robustness.loso")
 
 ALL_SOURCES = "all-sources"
-
-
-@contextmanager
-def training_split_hook(keep: Callable[[ImageRecord], bool],
-                        transform: Callable[[SplitArrays], SplitArrays]) -> Iterator[dict[str, SplitArrays]]:
-    """Make :func:`training.train.run_training` load filtered, transformed copies of its splits.
-
-    ``run_training`` loads every split through ``training.train.load_split``; inside this context
-    that name points at a wrapper that first drops the records ``keep`` refuses, then applies
-    ``transform`` (a mitigation). The splits it produced are yielded, so callers can check what
-    the model was really trained on.
-    """
-    import training.train as train_module
-
-    original = train_module.load_split
-    loaded: dict[str, SplitArrays] = {}
-
-    def load_split(dataset: Dataset, split: str, *args, **kwargs) -> SplitArrays:
-        kept = Dataset(root=dataset.root, classes=dataset.classes, records=[r for r in dataset.records if keep(r)],
-                       manifest_sha256=dataset.manifest_sha256, excluded=dataset.excluded)
-        arrays = transform(original(kept, split, *args, **kwargs))
-        loaded[split] = arrays
-        return arrays
-
-    train_module.load_split = load_split
-    try:
-        yield loaded
-    finally:
-        train_module.load_split = original
 
 
 def fold_name(fold: FoldSpec | None) -> str:
@@ -93,12 +63,11 @@ def run_fold(base: TrainConfig, mitigation_name: str, mitigation: MitigationSpec
     name = fold_name(fold)
     config = mitigated_config(base, mitigation, {**settings.loso.run_overrides,
                                                  "run_name": f"{base.run_name}-{mitigation_name}-{name}"})
-    with training_split_hook(lambda r: kept_for_training(r, fold),
-                             lambda s: transform_split(s, config, mitigation)) as loaded:
-        result = run_training(config, data_dir, runs_dir / base.family / mitigation_name, track=False)
-    if set(loaded) != {"train", "val", "test"}:
-        raise RuntimeError("run_training did not load its splits through training.train.load_split: "
-                           "the leave-one-source-out filter was not applied")
+    data = load_training_data(data_dir, config.exclusions, config.preprocess, config.subset, config.seed,
+                              keep=lambda r: kept_for_training(r, fold),
+                              transform=lambda s: transform_split(s, config, mitigation))
+    result = run_training(config, data, runs_dir / base.family / mitigation_name, track=False)
+    loaded = data.splits
     leaked = [r.relpath for s in ("train", "val") for r in loaded[s].records if not kept_for_training(r, fold)]
     if leaked:
         raise RuntimeError(f"{len(leaked)} images of held-out source {name} reached training, e.g. {leaked[:3]}")
