@@ -86,3 +86,22 @@ def test_reliability_curve_bins(calibrated):
     assert all(lo <= c <= hi for lo, c, hi in zip(width["lower"], width["confidence"], width["upper"]))
     assert np.all(np.diff(mass["confidence"]) > 0)
     assert len(width["accuracy"]) == len(width["confidence"]) == len(width["count"])
+
+
+def test_operating_point_fits_thresholds_on_the_calibrated_probabilities():
+    from cxr_core.operating_point import fit_operating_point
+    from cxr_core.policy import PolicyConfig
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3))
+    logits[np.arange(600), labels] += 2.0
+    logits *= 3.0  # over-confident: the fitted temperature is well above 1
+    classes = ["normal", "pneumonia", "tuberculosis"]
+    point = fit_operating_point(logits, labels, classes, PolicyConfig())
+    assert point.temperature == pytest.approx(fit_temperature(logits, labels)) and point.temperature > 1.3
+    calibrated = softmax(logits, point.temperature)
+    for name, threshold in point.policy.thresholds.items():  # each threshold is a calibrated probability of a case
+        assert np.isclose(calibrated[labels == classes.index(name), classes.index(name)], threshold).any()
+    kept = fit_operating_point(logits, labels, classes, PolicyConfig(), temperature=1.0)
+    assert kept.temperature == 1.0 and kept.policy.thresholds != point.policy.thresholds

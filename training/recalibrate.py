@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from cxr_core.bundle import MANIFEST_NAME, load_bundle
-from cxr_core.calibration import fit_temperature, softmax
-from cxr_core.policy import fit_policy_thresholds
+from cxr_core.operating_point import fit_operating_point
 from training.data import discover_dataset
 from training.evaluate_bundle import evaluate_folder, predict_folder
 from training.provenance import utc_now
@@ -36,8 +35,9 @@ def recalibrate(bundle: Path, site_dir: Path, out: Path, fit_split: str | None =
     eval_split = eval_split or ("test" if "test" in splits else fit_split)
     fit = predict_folder(predictor, site_dir, fit_split)
     manifest = predictor.manifest
-    temperature = manifest.temperature if keep_temperature else fit_temperature(fit.logits, fit.labels)
-    policy = fit_policy_thresholds(softmax(fit.logits, temperature), fit.labels, manifest.classes, manifest.policy.config)
+    point = fit_operating_point(fit.logits, fit.labels, manifest.classes, manifest.policy.config,
+                                temperature=manifest.temperature if keep_temperature else None)
+    temperature, policy = point.temperature, point.policy
     site_hash = hashlib.sha256("\n".join(sorted(fit.relpaths)).encode()).hexdigest()
     new_manifest = manifest.model_copy(update={
         "temperature": temperature,

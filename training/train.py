@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from cxr_core.bundle import BundleManifest, ModelSpec, Provenance, load_bundle, model_logits, save_bundle
-from cxr_core.calibration import fit_temperature, softmax
-from cxr_core.policy import FittedPolicy, fit_policy_thresholds
+from cxr_core.calibration import softmax
+from cxr_core.operating_point import fit_operating_point
+from cxr_core.policy import FittedPolicy
 from training.config import TrainConfig, parse_overrides
 from training.data import dataset_fingerprint, default_data_dir
 from training.datasets import SplitArrays, TrainingData, load_training_data
@@ -132,8 +133,8 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
         hog = config.classical.hog if config.mode == "classical" else None
         logits = {name: model_logits(model, splits[name].pixels, config.preprocess, hog) for name in ("val", "test")}
         val, test = splits["val"], splits["test"]
-        temperature = fit_temperature(logits["val"], val.labels)
-        policy = fit_policy_thresholds(softmax(logits["val"], temperature), val.labels, classes, config.policy)
+        point = fit_operating_point(logits["val"], val.labels, classes, config.policy)
+        temperature, policy = point.temperature, point.policy
         evaluations = {}
         for name, split in (("val", val), ("test", test)):
             probs = softmax(logits[name], temperature)
