@@ -128,7 +128,7 @@ class FittedPolicy(BaseModel):
         gray = [
             rule.name
             for rule in self.ranked_present
-            if abs(row[self.classes.index(rule.name)] - self.thresholds[rule.name]) <= self.config.gray_zone
+            if near_threshold(row[self.classes.index(rule.name)], self.thresholds[rule.name], self.config.gray_zone)
         ]
         rules = {rule.name: rule for rule in self.config.priority}
         triage: TriageLevel = rules[label].triage if label in rules else "review"
@@ -151,6 +151,14 @@ class Decision(BaseModel):
     threshold: float | None
     triage: TriageLevel
     gray_zone: list[str] = Field(description="ranked classes whose probability is near their threshold")
+
+
+def near_threshold(probabilities: np.ndarray | float, threshold: float, margin: float) -> np.ndarray | bool:
+    """The gray zone: a probability within ``margin`` of its class's threshold, on either side.
+
+    Serving asks for review there, and evaluation lists those images; both call this.
+    """
+    return np.abs(np.asarray(probabilities, dtype=np.float64) - threshold) <= margin
 
 
 def wilson_lower_bound(successes: int, total: int, confidence: float) -> float:

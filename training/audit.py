@@ -31,6 +31,7 @@ from cxr_core.errors import InputError
 from cxr_core.preprocess import PreprocessConfig, QualityFlags, compute_quality_flags, find_content_box, to_uint8
 from training.data import Dataset, ImageRecord, default_data_dir, discover_dataset
 from training.duplicates import ImageFingerprint, cluster_pairs, fingerprint_gray, near_duplicate_pairs
+from cxr_core.reporting import markdown_table
 
 log = logging.getLogger("training.audit")
 
@@ -279,13 +280,11 @@ def write_summary(document: dict, path: Path, figures: list[str]) -> None:
         "",
         "## Counts",
         "",
-        "| split | " + " | ".join(document["classes"]) + " |",
-        "|---|" + "---|" * len(document["classes"]),
     ]
-    for split, counts in document["counts"].items():
-        lines.append(f"| {split} | " + " | ".join(str(counts[c]) for c in document["classes"]) + " |")
-    lines += ["", "## Flags", "", "| flag | files |", "|---|---|"]
-    lines += [f"| {name} | {count} |" for name, count in document["flag_counts"].items()]
+    lines += markdown_table(["split", *document["classes"]],
+                            [[split, *(counts[c] for c in document["classes"])] for split, counts in document["counts"].items()])
+    lines += ["", "## Flags", ""]
+    lines += markdown_table(["flag", "files"], document["flag_counts"].items())
     dup = document["duplicates"]
     lines += [
         "",
@@ -302,14 +301,12 @@ def write_summary(document: dict, path: Path, figures: list[str]) -> None:
         "",
         "## Per source",
         "",
-        "| source | images | median shorter side | mean intensity (median) | intensity std (median) |",
-        "|---|---|---|---|---|",
     ]
-    for source, stats in document["stats"]["per_source"].items():
-        lines.append(
-            f"| {source} | {stats['count']} | {stats['shorter_side'].get('median', 'n/a')} | "
-            f"{stats['mean_intensity'].get('median', 'n/a'):.1f} | {stats['std_intensity'].get('median', 'n/a'):.1f} |"
-        )
+    lines += markdown_table(
+        ["source", "images", "median shorter side", "mean intensity (median)", "intensity std (median)"],
+        [[source, stats["count"], stats["shorter_side"].get("median", "n/a"),
+          f"{stats['mean_intensity'].get('median', 'n/a'):.1f}", f"{stats['std_intensity'].get('median', 'n/a'):.1f}"]
+         for source, stats in document["stats"]["per_source"].items()])
     lines += ["", "## Figures", ""] + [f"- `{name}`" for name in figures] + [""]
     path.write_text("\n".join(lines))
 

@@ -1,4 +1,8 @@
-"""Evaluation of one model on one labelled set: metrics, figures, worklists, report.
+"""Evaluation of one model on one labelled set: the metrics, and the entry point that writes everything.
+
+Jobs are split by module: the numbers here (with :mod:`training.metrics`), the worklists in
+:mod:`training.worklists`, the figures in :mod:`training.evaluation_figures` and the Markdown in
+:mod:`training.evaluation_report`; :func:`evaluate_predictions` runs them in order.
 
 What it answers, for a clinician and an ML engineer alike:
 - how good is each class, with bootstrap intervals (a test split holds ~125 tuberculosis images);
@@ -16,50 +20,26 @@ re-implements the decision rule; it only measures it.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import roc_auc_score
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from cxr_core.calibration import DEFAULT_N_BINS, expected_calibration_error, negative_log_likelihood, softmax
+from training import evaluation_figures
+from training.evaluation_report import write_evaluation_markdown
+from training.metrics import bootstrap_rates, classification_report, one_vs_rest_auc, per_class_metrics
+from training.worklists import WORKLISTS, build_worklists, contact_sheet, worklist_columns, write_worklist_csv
 
-from cxr_core.calibration import (  # noqa: E402
-    DEFAULT_N_BINS,
-    expected_calibration_error,
-    negative_log_likelihood,
-    reliability_curve,
-    softmax,
-)
-from training.metrics import (  # noqa: E402
-    bootstrap_rates,
-    classification_report,
-    one_vs_rest_auc,
-    per_class_metrics,
-)
+__all__ = ["evaluate_predictions", "write_evaluation_markdown", "METRICS_FILE", "REPORT_FILE"]
 
 log = logging.getLogger(__name__)
 
-WORKLISTS = ("missed", "gray_zone", "confident_wrong")
-CONTACT_SHEET_MAX = 32
-CONTACT_SHEET_COLUMNS = 8
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-FIGURES = (
-    "confusion_matrix_argmax.png",
-    "confusion_matrix_policy.png",
-    "roc_curves.png",
-    "reliability_before.png",
-    "reliability_after.png",
-    "per_source_sensitivity.png",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,188 +239,6 @@ def _same_population(
 
 
 # ----------------------------------------------------------------------------------------------
-# worklists
-
-
-def _worklist_columns(classes: list[str]) -> list[str]:
-    return ["relpath", "source", "true", "decided", *[f"p_{name}" for name in classes], "argmax", "reason"]
-
-
-def _worklist_row(
-    i: int, classes, y_true, policy, argmax, probs, sources, relpaths, reason: str, key_class: int
-) -> dict:
-    row = {
-        "relpath": relpaths[i],
-        "source": sources[i],
-        "true": classes[y_true[i]],
-        "decided": classes[policy[i]],
-        "argmax": classes[argmax[i]],
-        "reason": reason,
-        "_key": f"p({classes[key_class]})={probs[i, key_class]:.2f}",  # contact-sheet title only
-    }
-    for k, name in enumerate(classes):
-        row[f"p_{name}"] = round(float(probs[i, k]), 6)
-    return row
-
-
-def _build_worklists(
-    classes: list[str],
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    argmax: np.ndarray,
-    policy: np.ndarray,
-    sources: list[str],
-    relpaths: list[str],
-    thresholds: dict[str, float],
-    floors: dict[str, float],
-    gray_zone_margin: float,
-    confident_wrong: float,
-) -> dict[str, list[dict]]:
-    common = (classes, y_true, policy, argmax, probs, sources, relpaths)
-    missed: list[dict] = []
-    gray: list[dict] = []
-    for name in floors:  # policy priority order: the most important misses come first
-        k = classes.index(name)
-        # within a class, closest misses first: those a slightly lower threshold would catch
-        rows = np.flatnonzero((y_true == k) & (policy != k))
-        for i in rows[np.argsort(-probs[rows, k], kind="stable")]:
-            threshold = thresholds.get(name)
-            limit = f" (threshold {threshold:.3f})" if threshold is not None else ""
-            reason = f"{name} missed: p({name})={probs[i, k]:.3f}{limit}"
-            missed.append(_worklist_row(int(i), *common, reason, k))
-    for name, threshold in thresholds.items():
-        k = classes.index(name)
-        distance = np.abs(probs[:, k] - threshold)
-        rows = np.flatnonzero(distance <= gray_zone_margin)
-        for i in rows[np.argsort(distance[rows], kind="stable")]:
-            reason = f"p({name})={probs[i, k]:.3f} within {gray_zone_margin:g} of threshold {threshold:.3f}"
-            gray.append(_worklist_row(int(i), *common, reason, k))
-    top = probs.max(axis=1)
-    rows = np.flatnonzero((top > confident_wrong) & (argmax != y_true))
-    wrong = [
-        _worklist_row(
-            int(i), *common, f"p({classes[argmax[i]]})={top[i]:.3f} but true {classes[y_true[i]]}", int(argmax[i])
-        )
-        for i in rows[np.argsort(-top[rows], kind="stable")]
-    ]
-    return {"missed": missed, "gray_zone": gray, "confident_wrong": wrong}
-
-
-def _write_worklist_csv(rows: list[dict], columns: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _contact_sheet(rows: list[dict], image_root: Path, title: str, path: Path) -> None:
-    shown = rows[:CONTACT_SHEET_MAX]
-    columns = min(CONTACT_SHEET_COLUMNS, len(shown))
-    n_rows = int(math.ceil(len(shown) / columns))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 1.7, n_rows * 2.2), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, shown):
-        try:
-            with Image.open(Path(image_root) / row["relpath"]) as image:
-                image.thumbnail((128, 128))
-                ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
-        except (OSError, ValueError):
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        ax.set_title(f"true {row['true']}\ndecided {row['decided']}\n{row['_key']}", fontsize=6)
-    fig.suptitle(f"{title} (first {len(shown)} of {len(rows)})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# figures
-
-
-def _plot_confusion(normalized: list, counts: list, classes: list[str], title: str, path: Path) -> None:
-    matrix = np.array(normalized, dtype=np.float64)
-    size = max(3.5, 1.2 * len(classes) + 1.5)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    ax.imshow(np.nan_to_num(matrix), cmap="Blues", vmin=0.0, vmax=1.0)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            share = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
-            dark = not np.isnan(matrix[i, j]) and matrix[i, j] > 0.5
-            ax.text(j, i, f"{share}\n({counts[i][j]})", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("decided")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str], auc: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for k, name in enumerate(classes):
-        if auc.get(name) is None:
-            continue
-        fpr, tpr, _ = roc_curve((y_true == k).astype(np.int64), probs[:, k])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc[name]:.3f})")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC, one vs rest (calibrated probabilities)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_reliability(probs: np.ndarray, y_true: np.ndarray, n_bins: int, title: str, path: Path) -> None:
-    width_curve = reliability_curve(probs, y_true, n_bins, adaptive=False)
-    mass_curve = reliability_curve(probs, y_true, n_bins, adaptive=True)
-    ece = expected_calibration_error(probs, y_true, n_bins, adaptive=False)
-    ece_adaptive = expected_calibration_error(probs, y_true, n_bins, adaptive=True)
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    lower, upper = np.array(width_curve["lower"]), np.array(width_curve["upper"])
-    ax.bar(lower, width_curve["accuracy"], width=upper - lower, align="edge", alpha=0.6, edgecolor="k",
-           label="accuracy (equal-width bins)")
-    ax.plot(mass_curve["confidence"], mass_curve["accuracy"], marker="o", color="C1", label="equal-mass bins")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{title}\nECE {ece:.3f} (equal-width), {ece_adaptive:.3f} (adaptive)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    ax_count.bar(lower, width_curve["count"], width=upper - lower, align="edge", color="grey")
-    ax_count.set_xlabel("confidence (top-label probability)")
-    ax_count.set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_per_source(per_source: dict, classes: list[str], path: Path) -> None:
-    sources = list(per_source)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sources) + 2), 4))
-    width = 0.8 / max(len(classes), 1)
-    for k, name in enumerate(classes):
-        values = [per_source[s]["policy"][name]["sensitivity"] for s in sources]
-        positions = np.arange(len(sources)) + k * width
-        heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(positions, heights, width, label=name)
-        ax.bar_label(bars, labels=["" if v is None else f"{v:.2f}" for v in values], fontsize=7)
-    ax.set_xticks(np.arange(len(sources)) + width * (len(classes) - 1) / 2, sources)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("policy sensitivity")
-    ax.set_title("Sensitivity per source dataset (policy decisions)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
 # entry points
 
 
@@ -504,7 +302,7 @@ def evaluate_predictions(
     }
     per_class = {rule: report["per_class"] for rule, report in reports.items()}
     per_source = _per_source(classes, truth, probs, argmax, policy, source_array)
-    lists = _build_worklists(
+    lists = build_worklists(
         classes, truth, probs, argmax, policy, list(map(str, sources)), list(map(str, relpaths)),
         thresholds, floors, gray_zone_margin, confident_wrong,
     )
@@ -543,27 +341,27 @@ def evaluate_predictions(
     }
 
     written = [METRICS_FILE, REPORT_FILE]
-    columns = _worklist_columns(classes)
+    columns = worklist_columns(classes)
     for name in WORKLISTS:
-        _write_worklist_csv(lists[name], columns, out_dir / f"worklist_{name}.csv")
+        write_worklist_csv(lists[name], columns, out_dir / f"worklist_{name}.csv")
         written.append(f"worklist_{name}.csv")
         if image_root is not None and lists[name]:
-            _contact_sheet(lists[name], Path(image_root), name.replace("_", " "), out_dir / f"worklist_{name}.png")
+            contact_sheet(lists[name], Path(image_root), name.replace("_", " "), out_dir / f"worklist_{name}.png")
             written.append(f"worklist_{name}.png")
     if figures:
         for rule in ("argmax", "policy"):
-            _plot_confusion(
+            evaluation_figures.plot_confusion(
                 metrics["confusion_matrix"][rule]["normalized"], metrics["confusion_matrix"][rule]["counts"],
                 classes, f"Confusion ({rule}), rows normalized", out_dir / f"confusion_matrix_{rule}.png",
             )
         auc = {name: per_class["argmax"][name]["auc"] for name in classes}
-        _plot_roc(truth, probs, classes, auc, out_dir / "roc_curves.png")
-        _plot_reliability(softmax(scores, 1.0), truth, DEFAULT_N_BINS, "Before temperature scaling (T=1)",
+        evaluation_figures.plot_roc(truth, probs, classes, auc, out_dir / "roc_curves.png")
+        evaluation_figures.plot_reliability(softmax(scores, 1.0), truth, DEFAULT_N_BINS, "Before temperature scaling (T=1)",
                           out_dir / "reliability_before.png")
-        _plot_reliability(probs, truth, DEFAULT_N_BINS, f"After temperature scaling (T={temperature:.3f})",
+        evaluation_figures.plot_reliability(probs, truth, DEFAULT_N_BINS, f"After temperature scaling (T={temperature:.3f})",
                           out_dir / "reliability_after.png")
-        _plot_per_source(per_source, classes, out_dir / "per_source_sensitivity.png")
-        written += [*FIGURES]
+        evaluation_figures.plot_per_source(per_source, classes, out_dir / "per_source_sensitivity.png")
+        written += [*evaluation_figures.FIGURES]
 
     metrics = _jsonable(metrics)
     metrics["files"] = sorted(written)
@@ -572,136 +370,3 @@ def evaluate_predictions(
     return metrics
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _ci(interval) -> str:
-    return "" if not interval else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
-def _signed(value) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
-
-
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
-
-
-def write_evaluation_markdown(metrics: dict, path: Path) -> None:
-    """Render the metrics dict as a Markdown report (generated, never hand-edited)."""
-    classes = metrics["classes"]
-    per_class = metrics["per_class"]
-    calibration = metrics["calibration"]
-    lines = [
-        "# Evaluation",
-        "",
-        f"{metrics['n']} images; classes {', '.join(classes)}; reference class "
-        f"{metrics.get('reference_class') or 'n/a'}; temperature {calibration['temperature']:.3f}. "
-        f"Intervals: {metrics['bootstrap']['interval']} bootstrap, {metrics['bootstrap']['n']} resamples "
-        f"(seed {metrics['bootstrap']['seed']}).",
-        "",
-        "## Per class: argmax vs policy",
-        "",
-    ]
-    rows = []
-    for name in classes:
-        a, p = per_class["argmax"][name], per_class["policy"][name]
-        rows.append([
-            name, a["support"], _fmt(a["auc"]),
-            _fmt(a["sensitivity"]) + _ci(a["sensitivity_ci"]), _fmt(p["sensitivity"]) + _ci(p["sensitivity_ci"]),
-            _fmt(a["specificity"]) + _ci(a["specificity_ci"]), _fmt(p["specificity"]) + _ci(p["specificity_ci"]),
-            f"{_fmt(a['precision'])} / {_fmt(p['precision'])}", f"{_fmt(a['f1'])} / {_fmt(p['f1'])}",
-        ])
-    lines += _table(
-        ["class", "n", "AUC", "sensitivity argmax", "sensitivity policy", "specificity argmax",
-         "specificity policy", "precision argmax / policy", "F1 argmax / policy"],
-        rows,
-    )
-    lines += ["", f"Macro AUC {_fmt(metrics['macro_auc'])}.", ""]
-    avg_rows = []
-    for kind in ("macro", "weighted"):
-        for rule in ("argmax", "policy"):
-            values = metrics[kind][rule]
-            cells = [_fmt(values.get(key)) for key in ("precision", "sensitivity", "specificity", "f1")]
-            avg_rows.append([kind, rule, *cells])
-    lines += _table(["average", "decision", "precision", "sensitivity", "specificity", "F1"], avg_rows)
-
-    lines += ["", "## Policy vs argmax", ""]
-    rows = []
-    for name, gain in metrics["policy_vs_argmax"].items():
-        holds = metrics["floor_holds_bootstrap"].get(name, {})
-        rows.append([
-            name, _fmt(metrics["floors"].get(name)), _fmt(metrics["thresholds"].get(name)),
-            f"{_fmt(gain['sensitivity_argmax'])} -> {_fmt(gain['sensitivity_policy'])}",
-            _signed(gain["sensitivity_gained"]),
-            f"{_fmt(gain['specificity_argmax'])} -> {_fmt(gain['specificity_policy'])}",
-            _signed(gain["specificity_given_up"]),
-            gain["missed_cases_avoided"], _fmt(holds.get("share")),
-        ])
-    lines += _table(
-        ["class", "floor", "threshold", "sensitivity", "gained", "specificity", "given up", "missed cases avoided",
-         "floor holds (share of resamples)"],
-        rows,
-    ) if rows else ["No disease classes with a floor."]
-
-    lines += ["", "## Calibration", ""]
-    lines += _table(
-        ["", f"ECE ({calibration['n_bins']} equal-width bins)", "ECE (adaptive bins)", "NLL"],
-        [
-            ["before (T=1)", _fmt(calibration["ece_before"], 4), _fmt(calibration["adaptive_ece_before"], 4),
-             _fmt(calibration["nll_before"], 4)],
-            [f"after (T={calibration['temperature']:.3f})", _fmt(calibration["ece_after"], 4),
-             _fmt(calibration["adaptive_ece_after"], 4), _fmt(calibration["nll_after"], 4)],
-        ],
-    )
-
-    lines += ["", "## Per source dataset", ""]
-    rows = []
-    for source, entry in metrics["per_source"].items():
-        for name in classes:
-            rows.append([
-                source, name, entry["counts"][name],
-                _fmt(entry["argmax"][name]["sensitivity"]), _fmt(entry["policy"][name]["sensitivity"]),
-                _fmt(entry["argmax"][name]["specificity"]), _fmt(entry["policy"][name]["specificity"]),
-                _fmt(entry["auc"].get(name)),
-            ])
-    lines += _table(
-        ["source", "class", "n", "sensitivity argmax", "sensitivity policy", "specificity argmax",
-         "specificity policy", "AUC"],
-        rows,
-    )
-
-    lines += ["", "## Same population (disease vs reference within sources holding both)", ""]
-    same = metrics.get("same_population") or {}
-    if same:
-        rows = [
-            [disease, entry["reference"], ", ".join(entry["sources"]) or "none",
-             f"{entry['n_disease']} / {entry['n_reference']}", _fmt(entry["auc"]),
-             _fmt(entry["policy_sensitivity"]), _fmt(entry["policy_specificity"])]
-            for disease, entry in same.items()
-        ]
-        lines += _table(["disease", "vs", "sources", "n disease / reference", "AUC", "policy sensitivity",
-                         "policy specificity"], rows)
-    else:
-        lines += ["No reference class: same-population view not computed."]
-
-    worklists = metrics["worklists"]
-    lines += [
-        "",
-        "## Worklists",
-        "",
-        f"- missed (false negatives under the policy): {worklists['missed']} ("
-        + (", ".join(f"{k} {v}" for k, v in worklists["missed_per_class"].items()) or "no disease classes")
-        + ")",
-        f"- gray zone (within {worklists['gray_zone_margin']:g} of a threshold): {worklists['gray_zone']}",
-        f"- confident wrong (p > {worklists['confident_wrong_above']:g} and wrong): {worklists['confident_wrong']}",
-        "",
-    ]
-    Path(path).write_text("\n".join(lines))

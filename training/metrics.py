@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 RATES = ("precision", "sensitivity", "specificity", "f1")
 DEFAULT_N_BOOTSTRAP = 1000
@@ -39,14 +40,20 @@ def _pair(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return float(numerator) / float(denominator) if denominator > 0 else None
 
 
 def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
-    """Counts, rows = true class, columns = decided class."""
+    """Counts, rows = true class, columns = decided class (scikit-learn's, over every class index)."""
     t, p = _pair(y_true, y_pred, n_classes)
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    if t.size == 0:  # scikit-learn refuses empty input; zero rows are zero counts
+        return np.zeros((n_classes, n_classes), dtype=np.int64)
+    return sklearn_confusion_matrix(t, p, labels=np.arange(n_classes))
 
 
 def normalized_confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
@@ -67,22 +74,23 @@ def per_class_metrics(y_true, y_pred, classes: Sequence[str]) -> dict[str, dict]
     Also returns the counts (tp, fp, fn, tn, support) so a reader can recompute any rate.
     """
     n_classes = len(classes)
-    counts = confusion_matrix(y_true, y_pred, n_classes)
+    t, p = _pair(y_true, y_pred, n_classes)
+    counts = confusion_matrix(t, p, n_classes)
     total = int(counts.sum())
+    # scikit-learn's rates; an undefined one (no positives, nothing called) is NaN there, None here
+    precision, sensitivity, f1, _ = precision_recall_fscore_support(
+        t, p, labels=np.arange(n_classes), average=None, zero_division=np.nan) if total else ([np.nan] * n_classes,) * 4
     result: dict[str, dict] = {}
     for k, name in enumerate(classes):
         tp = int(counts[k, k])
         fn = int(counts[k].sum() - tp)
         fp = int(counts[:, k].sum() - tp)
         tn = total - tp - fn - fp
-        precision = _ratio(tp, tp + fp)
-        sensitivity = _ratio(tp, tp + fn)
-        f1 = _ratio(2 * tp, 2 * tp + fp + fn)
         result[name] = {
-            "precision": precision,
-            "sensitivity": sensitivity,
+            "precision": _defined(precision[k]),
+            "sensitivity": _defined(sensitivity[k]),
             "specificity": _ratio(tn, tn + fp),
-            "f1": f1,
+            "f1": _defined(f1[k]),
             "support": tp + fn,
             "tp": tp,
             "fp": fp,

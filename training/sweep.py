@@ -33,6 +33,7 @@ from training.data import default_data_dir
 from training.objective import DEFAULT_OBJECTIVE_MODE, OBJECTIVE_MODES, ObjectiveMode
 from training.provenance import git_commit
 from training.tracking import tracking_uri
+from cxr_core.reporting import markdown_table
 
 log = logging.getLogger("training.sweep")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -344,18 +345,17 @@ def write_leaderboard(document: dict[str, Any], out: Path) -> None:
         "",
         f"Objective (`{document.get('objective_mode', 'validation')}`): {document['objective']}.",
         "",
-        "| rank | family | params | status | objective | val macro AUC | val macro-F1 | test macro AUC | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    for rank, row in enumerate(document["trials"], 1):
-        lines.append(f"| {rank} | {row['family']} | {json.dumps(row['params'])} | {row['status']} | "
-                     f"{fmt(row['objective'])} | {fmt(row['val_macro_auc'])} | {fmt(row['val_macro_f1'])} | "
-                     f"{fmt(row['test_macro_auc'])} | {fmt(row['train_seconds'])} |")
-    lines += ["", "## Best trial per family", "",
-              "| family | best params | objective | val macro AUC | test macro AUC |", "|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {json.dumps(r['params'])} | {fmt(r['objective'])} | {fmt(r['val_macro_auc'])} | "
-              f"{fmt(r['test_macro_auc'])} |" for r in best_per_family(document["trials"])]
+    lines += markdown_table(
+        ["rank", "family", "params", "status", "objective", "val macro AUC", "val macro-F1", "test macro AUC", "train s"],
+        [[rank, row["family"], json.dumps(row["params"]), row["status"], fmt(row["objective"]),
+          fmt(row["val_macro_auc"]), fmt(row["val_macro_f1"]), fmt(row["test_macro_auc"]), fmt(row["train_seconds"])]
+         for rank, row in enumerate(document["trials"], 1)])
+    lines += ["", "## Best trial per family", ""]
+    lines += markdown_table(["family", "best params", "objective", "val macro AUC", "test macro AUC"],
+                            [[r["family"], json.dumps(r["params"]), fmt(r["objective"]), fmt(r["val_macro_auc"]),
+                              fmt(r["test_macro_auc"])] for r in best_per_family(document["trials"])])
     test = document.get("winner_test") or {}
     if test:
         lines += ["", f"## Winner on the test split ({document['winner']['family']})", "",
@@ -364,14 +364,16 @@ def write_leaderboard(document: dict[str, Any], out: Path) -> None:
                   f"All sources: macro AUC {fmt(test.get('macro_auc'))}; "
                   + "; ".join(f"{c} sensitivity {fmt(m['sensitivity'])} / specificity {fmt(m['specificity'])}"
                               for c, m in test.get("policy", {}).items() if c != "normal") + ".", "",
-                  "| source | n (normal / pneumonia / TB) | policy accuracy | TB sens / spec | pneumonia sens / spec | AUC TB | AUC pneumonia |",
-                  "|---|---|---|---|---|---|---|"]
+                  ]
+        rows = []
         for source, m in test["per_source"].items():
             counts, pol, auc = m["counts"], m["policy"], m["auc"]
             sens_spec = lambda c: f"{fmt(pol.get(c, {}).get('sensitivity') if counts.get(c) else None)} / {fmt(pol.get(c, {}).get('specificity'))}"  # noqa: E731
-            lines.append(f"| {source} | {m['n']} ({counts.get('normal', 0)} / {counts.get('pneumonia', 0)} / "
-                         f"{counts.get('tuberculosis', 0)}) | {fmt(m['accuracy_policy'])} | {sens_spec('tuberculosis')} | "
-                         f"{sens_spec('pneumonia')} | {fmt(auc.get('tuberculosis'))} | {fmt(auc.get('pneumonia'))} |")
+            rows.append([source, f"{m['n']} ({counts.get('normal', 0)} / {counts.get('pneumonia', 0)} / "
+                         f"{counts.get('tuberculosis', 0)})", fmt(m["accuracy_policy"]), sens_spec("tuberculosis"),
+                         sens_spec("pneumonia"), fmt(auc.get("tuberculosis")), fmt(auc.get("pneumonia"))])
+        lines += markdown_table(["source", "n (normal / pneumonia / TB)", "policy accuracy", "TB sens / spec",
+                                 "pneumonia sens / spec", "AUC TB", "AUC pneumonia"], rows)
         for name, m in test["same_population"].items():
             lines.append(f"\nSame-population {name} vs normal (sources {', '.join(m['sources'] or [])}; "
                          f"{m['n_disease']} vs {m['n_reference']}): AUC {fmt(m['auc'])}, policy sensitivity "

@@ -20,6 +20,7 @@ import yaml
 from training.config import TrainConfig, parse_overrides
 from training.data import default_data_dir
 from training.train import TrainResult, run_training
+from cxr_core.reporting import markdown_table
 
 log = logging.getLogger("training.train_all")
 
@@ -64,16 +65,16 @@ def write_markdown(entries: list[dict], path: Path, data_dir: Path) -> None:
         "safety margin 0.03); sensitivities/specificities below are on test. Same-population AUC: disease vs "
         "normal restricted to sources holding both (removes the age shortcut).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
+    rows = []
     for e in entries:
         row = [e["family"], _fmt(e["val_macro_f1"])]
         row += [_fmt(e["test_auc"][c]) for c in classes]
         row += [f"{_fmt(e['test_policy'][d]['sensitivity'])} / {_fmt(e['test_policy'][d]['specificity'])}" for d in diseases]
         row += [_fmt(e["same_population_auc"].get(d)) for d in diseases]
         row += [f"{_fmt(e['ece_before'])} / {_fmt(e['ece_after'])}", f"{e['train_seconds']:.0f}"]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    lines += markdown_table(header, rows)
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -1,0 +1,36 @@
+"""Markdown tables and number formatting for the generated reports (one writer for every report).
+
+Every committed ``*.md`` report (evaluation, sweep leaderboard, robustness, audit, benchmarks,
+chart validation) is rendered from its JSON by its own command; they share these few helpers so
+a table looks the same everywhere and ``None`` always reads ``n/a``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A cell: floats to ``digits`` decimals, ``None`` as ``n/a``, everything else as ``str``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_interval(interval: Sequence[float] | None, digits: int = 3) -> str:
+    """`` [low, high]`` appended to a point estimate; empty when there is no interval."""
+    return "" if not interval else f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def fmt_signed(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """GitHub-flavoured Markdown table lines (header, separator, one line per row)."""
+    lines = ["| " + " | ".join(str(cell) for cell in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
