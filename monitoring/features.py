@@ -1,10 +1,11 @@
 """The serving audit log as a per-request feature table, and the time windows the drift job compares.
 
-The audit log (JSON lines, written by the TorchServe handler; ``CXR_AUDIT_LOG``) holds one line per
-request: ``request_id``, ``time`` (UTC ISO 8601), ``model_name``, ``model_version``, ``caller``,
-``latency_ms`` and the :func:`cxr_core.features.prediction_features` columns (image statistics,
-quality flags, calibrated probability per class, decision, triage, confidence). A refused request
-has an ``error`` key and no features: it is counted, never compared.
+The audit log (JSON lines of :class:`cxr_core.audit.AuditRecord`, written by serving; ``CXR_AUDIT_LOG``)
+holds one line per answered image or refused request: ``request_id``, ``time`` (UTC ISO 8601),
+``model_name``, ``model_version``, ``caller_id``, ``latency_ms`` and, for an answered image, the
+:func:`cxr_core.features.prediction_features` columns (image statistics, quality flags, calibrated
+probability per class, decision, triage, confidence). A refused request (``event: error``) has
+no features: it is counted, never compared.
 
 Windows: the last N requests, the last D days before ``now``, or an explicit ``[start, end)`` range;
 ``offset=1`` gives the window just before (yesterday for a daily CronJob).
@@ -12,8 +13,6 @@ Windows: the last N requests, the last D days before ``now``, or an explicit ``[
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,12 +21,12 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from cxr_core.audit import UnsupportedAuditVersion, audit_log_files, iter_audit_lines, parse_audit_line
 from cxr_core.features import IMAGE_FEATURES, QUALITY_FLAG_FEATURES
 
 log = logging.getLogger(__name__)
 
-AUDIT_COLUMNS = ("request_id", "time", "model_name", "model_version", "caller", "latency_ms")
-LOG_PATTERNS = ("*.jsonl", "*.jsonl.gz")
+AUDIT_COLUMNS = ("request_id", "time", "model_name", "model_version", "caller_id", "latency_ms")
 LABEL_COLUMN = "label"
 
 
@@ -56,20 +55,6 @@ def probability_classes(frame: pd.DataFrame) -> list[str]:
     return [column[2:] for column in frame.columns if column.startswith("p_")]
 
 
-def audit_log_files(path: Path | str) -> list[Path]:
-    """A log file itself, or every ``*.jsonl`` / ``*.jsonl.gz`` under a folder (sorted, recursive)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted({p for pattern in LOG_PATTERNS for p in path.rglob(pattern) if p.is_file()})
-    raise FileNotFoundError(f"audit log {path} does not exist")
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Typed columns: UTC times, float statistics and probabilities, boolean flags, string ids."""
     frame = frame.copy()
@@ -82,7 +67,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         if column in frame:
             frame[column] = frame[column].map(
                 lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("true", "1")).astype(bool)
-    for column in ("request_id", "model_name", "model_version", "caller", "decision", "triage"):
+    for column in ("request_id", "model_name", "model_version", "caller_id", "decision", "triage"):
         if column in frame:
             frame[column] = frame[column].astype("string")
     if LABEL_COLUMN in frame:
@@ -93,34 +78,34 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_audit_log(path: Path | str) -> FeatureTable:
-    """Audit log file or folder -> :class:`FeatureTable`; error lines and malformed lines are counted."""
+    """Audit log file or folder -> :class:`FeatureTable` of the answered images.
+
+    Every line is read as the shared-core :class:`cxr_core.audit.AuditRecord` (what serving and the
+    offline replay write). Error lines (refused requests) are counted, never compared; a line that
+    is not a record is counted as malformed and skipped; a line of an unknown schema version stops
+    the job with :class:`cxr_core.audit.UnsupportedAuditVersion` (a newer writer: upgrade, do not guess).
+    """
     files = audit_log_files(path)
     rows: list[dict[str, Any]] = []
     n_lines = n_errors = n_malformed = 0
-    for file in files:
-        with _open_text(file) as handle:
-            for number, line in enumerate(handle, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                n_lines += 1
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    n_malformed += 1
-                    log.warning("%s:%d is not JSON; skipped", file, number)
-                    continue
-                if not isinstance(record, dict):
-                    n_malformed += 1
-                    continue
-                if "error" in record:
-                    n_errors += 1
-                    continue
-                if "decision" not in record:
-                    n_malformed += 1
-                    log.warning("%s:%d has neither features nor an error; skipped", file, number)
-                    continue
-                rows.append(record)
+    for where, line in iter_audit_lines(path):
+        n_lines += 1
+        try:
+            record = parse_audit_line(line, where)
+        except UnsupportedAuditVersion:
+            raise
+        except ValueError as error:  # JSON or validation error
+            n_malformed += 1
+            log.warning("%s is not an audit record (%s); skipped", where, type(error).__name__)
+            continue
+        if record.event == "error":
+            n_errors += 1
+            continue
+        if "decision" not in record.features:
+            n_malformed += 1
+            log.warning("%s is a prediction line without features; skipped", where)
+            continue
+        rows.append(record.model_dump(mode="json"))
     frame = _normalise(pd.DataFrame(rows)) if rows else pd.DataFrame(columns=list(AUDIT_COLUMNS))
     if n_errors or n_malformed:
         log.info("audit log %s: %d lines, %d error lines, %d malformed", path, n_lines, n_errors, n_malformed)

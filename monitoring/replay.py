@@ -7,19 +7,19 @@ with request ids and times chosen by the caller. A refused image gives an error 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cxr_core.audit import AuditLogWriter, AuditRecord, error_record, prediction_record, utc_timestamp
 from cxr_core.bundle import Prediction, Predictor
 from cxr_core.errors import InputError
-from cxr_core.features import prediction_features
 
 DEFAULT_MODEL_NAME = "cxr-screen"
 REPLAY_CALLER = "offline-replay"
+REPLAY_PROTOCOL = "replay"
 
 
 def model_version_of(predictor: Predictor) -> str:
@@ -32,19 +32,16 @@ def model_version_of(predictor: Predictor) -> str:
 
 def audit_record(prediction: Prediction | InputError, *, request_id: str, when: datetime, model_name: str,
                  model_version: str, caller: str, latency_ms: float) -> dict[str, Any]:
-    """One audit-log line (as a dict): request metadata + the feature row, or an ``error``."""
-    record: dict[str, Any] = {
-        "request_id": request_id,
-        "time": when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "model_name": model_name,
-        "model_version": model_version,
-        "caller": caller,
-        "latency_ms": round(latency_ms, 3),
-    }
+    """One audit-log line (as a dict), built by the shared core exactly as serving builds it.
+
+    A refused image gets the error line serving writes (code, status 422: there is no HTTP here,
+    and 422 is what the endpoint answers for an image it cannot use), never the input itself.
+    """
+    meta = dict(request_id=request_id, time=utc_timestamp(when), model_name=model_name, model_version=model_version,
+                caller_id=caller, latency_ms=latency_ms, protocol=REPLAY_PROTOCOL, stage="replay")
     if isinstance(prediction, InputError):
-        record["error"] = f"{type(prediction).__name__}: {prediction}"
-        return record
-    return record | prediction_features(prediction)
+        return error_record(**meta, status=422, code=prediction.code).model_dump(mode="json")
+    return prediction_record(prediction, **meta).model_dump(mode="json")
 
 
 def replay_images(predictor: Predictor, items: Iterable[tuple[str, bytes]], *, start: datetime,
@@ -76,10 +73,9 @@ def replay_images(predictor: Predictor, items: Iterable[tuple[str, bytes]], *, s
 
 
 def write_audit_log(records: Sequence[dict[str, Any]], path: Path | str, append: bool = False) -> Path:
-    """JSON lines, one record per line (what the handler appends to ``CXR_AUDIT_LOG``)."""
+    """The records as audit-log lines, through the shared-core writer (each validated as an AuditRecord)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+    if not append and path.exists():
+        path.unlink()
+    AuditLogWriter(path).write_many(AuditRecord.model_validate(record) for record in records)
     return path

@@ -8,18 +8,21 @@ import sqlite3
 import pandas as pd
 import pytest
 
+from cxr_core.audit import AuditLogWriter, AuditRecord, error_record
 from monitoring.feedback import FeedbackError, FeedbackStore, export_labelled, join_labels, main
 
 CLASSES = ["normal", "pneumonia", "tuberculosis"]
 
 
 def write_log(path, request_ids):
-    lines = [{"request_id": rid, "time": f"2026-03-01T00:0{k}:00Z", "model_name": "cxr-screen", "model_version": "v1",
-              "caller": "t", "latency_ms": 3.0, "mean_intensity": 120.0, "p_normal": 0.2, "p_pneumonia": 0.1,
-              "p_tuberculosis": 0.7, "decision": "tuberculosis", "triage": "urgent", "confidence": 0.7}
-             for k, rid in enumerate(request_ids)]
-    lines.append({"request_id": "broken", "time": "2026-03-01T00:09:00Z", "error": "NotAnImageError: ..."})
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    """Prediction lines and one refused request, written by the shared-core writer serving uses."""
+    meta = dict(model_name="cxr-screen", model_version="v1", caller_id="t", latency_ms=3.0, protocol="v1")
+    records = [AuditRecord(event="prediction", request_id=rid, time=f"2026-03-01T00:0{k}:00Z", status=200, **meta,
+                           mean_intensity=120.0, p_normal=0.2, p_pneumonia=0.1, p_tuberculosis=0.7,
+                           decision="tuberculosis", triage="urgent", confidence=0.7)
+               for k, rid in enumerate(request_ids)]
+    records.append(error_record(request_id="broken", time="2026-03-01T00:09:00Z", status=415, code="not_an_image", **meta))
+    AuditLogWriter(path).write_many(records)
     return path
 
 

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
+from cxr_core.audit import AuditRecord, error_record, utc_timestamp
 from monitoring.config import DriftThresholds, expand_columns, load_config
 from monitoring.decision import EXIT_OK, EXIT_RETRAIN, decide, summary_from_snapshot
 from monitoring.features import WindowSpec, load_features, read_audit_log, select_window
@@ -135,13 +136,21 @@ START = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
 def log_line(k: int, when: datetime, **extra) -> dict:
-    return {"request_id": f"r{k}", "time": when.isoformat().replace("+00:00", "Z"), "model_name": "cxr-screen",
-            "model_version": "v1", "caller": "test", "latency_ms": 12.5, "mean_intensity": 100.0 + k,
-            "std_intensity": 50.0, "dark_fraction": 0.1, "bright_fraction": 0.01, "border_ratio": 0.0,
-            "original_width": 320.0, "original_height": 320.0, "aspect_ratio": 1.0, "underexposed": False,
-            "overexposed": False, "low_contrast": k % 2 == 0, "has_border": False, "source_format": "jpeg",
-            "p_normal": 0.7, "p_tuberculosis": 0.3, "decision": "normal", "triage": "routine", "confidence": 0.7,
-            **extra}
+    """A prediction line as serving writes it: the shared-core record with a feature row."""
+    features = {"mean_intensity": 100.0 + k, "std_intensity": 50.0, "dark_fraction": 0.1, "bright_fraction": 0.01,
+                "border_ratio": 0.0, "original_width": 320.0, "original_height": 320.0, "aspect_ratio": 1.0,
+                "underexposed": False, "overexposed": False, "low_contrast": k % 2 == 0, "has_border": False,
+                "source_format": "jpeg", "p_normal": 0.7, "p_tuberculosis": 0.3, "decision": "normal",
+                "triage": "routine", "confidence": 0.7, **extra}
+    return AuditRecord(event="prediction", request_id=f"r{k}", time=utc_timestamp(when), model_name="cxr-screen",
+                       model_version="v1", caller_id="test", latency_ms=12.5, protocol="v2", status=200,
+                       **features).model_dump(mode="json")
+
+
+def error_line(request_id: str, when: datetime) -> dict:
+    return error_record(request_id=request_id, time=utc_timestamp(when), model_name="cxr-screen", model_version="v1",
+                        caller_id="test", latency_ms=1.0, protocol="v2", status=415, code="not_an_image",
+                        stage="front").model_dump(mode="json")
 
 
 def write_log(path, lines):
@@ -156,8 +165,7 @@ def write_log(path, lines):
 def test_audit_log_folder_becomes_a_typed_feature_table(tmp_path):
     hours = [START + timedelta(hours=h) for h in range(6)]
     write_log(tmp_path / "logs" / "a.jsonl", [log_line(3, hours[3]), log_line(0, hours[0]),
-                                              {"request_id": "bad", "time": hours[1].isoformat(), "error": "NotAnImage"},
-                                              "{not json", ""])
+                                              error_line("bad", hours[1]), "{not json", ""])
     write_log(tmp_path / "logs" / "day2" / "b.jsonl.gz", [log_line(5, hours[5]), log_line(4, hours[4])])
     (tmp_path / "logs" / "notes.txt").write_text("ignored")
     table = read_audit_log(tmp_path / "logs")
