@@ -113,6 +113,15 @@ imagePullSecrets:
 {{- if and .Values.mlflow.enabled .Values.postgresql.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* The audit-log claim the predictor writes and the drift job reads; empty: none. */}}
+{{- define "cxr-screen.auditLog.claim" -}}
+{{- if .Values.auditLog.existingClaim -}}
+{{- .Values.auditLog.existingClaim -}}
+{{- else if .Values.auditLog.create -}}
+{{- printf "%s-audit-log" (include "cxr-screen.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "cxr-screen.sweep.sharedClaim" -}}
 {{- .Values.sweep.sharedStorage.existingClaim | default (printf "%s-ray-results" (include "cxr-screen.fullname" .)) -}}
 {{- end -}}
