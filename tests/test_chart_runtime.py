@@ -91,6 +91,7 @@ class Predictor:
     log: Path
     ready_after_s: float | None
     model_name: str
+    rootfs: Path
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
@@ -148,7 +149,8 @@ def predictor(chart, claims, tiny_bundle, tmp_path_factory):
         process = subprocess.Popen(["bash", *command, *args], cwd=env.get("CXR_SERVING_WORKDIR", root), env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     served = Predictor(f"http://127.0.0.1:{front_port}", f"http://127.0.0.1:{ts_port}",
-                       Path(env["CXR_SERVING_WORKDIR"]), claims, process, log, None, model_name)
+                       Path(env["CXR_SERVING_WORKDIR"]), claims, process, log, None, model_name,
+                       files.local("/"))
     try:
         deadline = started + READY_TIMEOUT_S
         while time.monotonic() < deadline and process.poll() is None and LOAD_FAILED not in served.log_tail(10**7):
@@ -262,3 +264,14 @@ def test_drift_cronjob_command_reads_the_audit_claim_and_decides_ok(chart, predi
     summary = json.loads((out / "summary.json").read_text())
     assert summary["decision"] == "ok"
     assert summary["current"]["window"]["rows"] >= 1, summary["current"]
+
+
+def test_rendered_predictor_writes_only_to_its_volumes(chart, predictor, sample_image):
+    """readOnlyRootFilesystem holds: after a served request nothing was written outside the mounts."""
+    assert predictor.ready_after_s is not None, f"predictor not ready:\n{predictor.log_tail()}"
+    _, response = predictor.predict(sample_image.read_bytes())
+    assert response.status_code == 200, response.text
+    (container,) = [c for c in one(chart, "ServingRuntime")["spec"]["containers"]]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    written = sorted(str(path.relative_to(predictor.rootfs)) for path in predictor.rootfs.rglob("*") if path.is_file())
+    assert written == [], f"written outside the pod's volumes: {written[:20]}"

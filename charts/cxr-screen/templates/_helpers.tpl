@@ -174,7 +174,10 @@ spec:
       image: {{ include "cxr-screen.image" (dict "root" $root "image" $root.Values.images.jobs) }}
       imagePullPolicy: {{ $root.Values.images.jobs.pullPolicy }}
       securityContext:
-        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+        {{- /* Ray writes its session folders, logs and spill files under /tmp and $HOME */}}
+        {{- $security := deepCopy $root.Values.containerSecurityContext }}
+        {{- $_ := set $security "readOnlyRootFilesystem" false }}
+        {{- toYaml $security | nindent 8 }}
       {{- if eq .role "head" }}
       ports:
         - name: gcs-server
