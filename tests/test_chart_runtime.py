@@ -191,12 +191,20 @@ def audit_claim(chart: validate.RenderedChart) -> str | None:
     return None
 
 
-def test_rendered_predictor_loads_the_model_and_turns_ready(predictor):
+def test_rendered_predictor_loads_the_model_and_turns_ready(chart, predictor):
     assert predictor.process.poll() is None, f"the predictor exited:\n{predictor.log_tail()}"
     assert predictor.ready_after_s is not None, (
         f"no READY TorchServe worker / model ready in {READY_TIMEOUT_S} s:\n{predictor.log_tail()}")
+    print(f"rendered predictor ready after {predictor.ready_after_s} s")
     health = httpx.get(f"{predictor.url}/v2/health/ready", timeout=5)
     assert health.status_code == 200
+    (container,) = one(chart, "ServingRuntime")["spec"]["containers"]
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    for kind, probe in probes.items():  # what the kubelet would call, on the front's (remapped) port
+        assert probe["port"] == 8080 == container["ports"][0]["containerPort"], kind
+        assert httpx.get(f"{predictor.url}{probe['path']}", timeout=5).status_code == 200, kind
+    timeout = container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"]
+    assert predictor.ready_after_s < timeout  # the startup probe waits long enough for this load
     assert LOAD_FAILED not in predictor.log_tail(10**7)
 
 
