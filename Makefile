@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate images loadtest bench loso perturb shortcuts clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,7 +30,11 @@ $(PY):
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
-install: $(PY) ## create .venv with the locked dependencies and the project (editable)
+install: $(PY) etcd ## create .venv with the locked dependencies and the project (editable); etcd for the cluster tests
+
+etcd: ## etcd from Debian (etcd-server) for the test control plane, when it is missing
+	@command -v etcd >/dev/null || { [ "$$(id -u)" = 0 ] || { echo "etcd missing: run 'apt-get install -y etcd-server' as root" >&2; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 
 lock: ## re-resolve requirements.txt and rewrite constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -126,6 +130,13 @@ package-model: mar ## the folder to copy to a PVC or bucket (KServe storageUri):
 
 charts-validate: install ## render, lint (--strict) and validate the Helm chart with every charts/cxr-screen/ci values file
 	$(PY) -m charts.validate
+
+CLUSTER_DIR ?= .cache/cluster
+cluster: install ## a local control plane (etcd, kube-apiserver, controller-manager, scheduler, a Ready node; no kubelet) -> prints KUBECONFIG
+	$(PY) -m tests.cluster start --dir $(CLUSTER_DIR)
+
+cluster-stop: ## stop `make cluster` and remove its state
+	$(PY) -m tests.cluster stop --dir $(CLUSTER_DIR)
 
 images: ## build the serving and jobs images (local dockerd + debootstrap Debian 12 base) and /ping the serving image
 	bash docker/build_images.sh

@@ -17,6 +17,13 @@ workdir="${CXR_SERVING_WORKDIR:-$HOME}"
 cd "$workdir" || exit 1
 rm -f key_file.json
 
+# The handler in TorchServe's workers writes the prediction lines, the front its refusals: both
+# append (O_APPEND) to the same per-pod file on the audit volume.
+if [[ -n "${CXR_AUDIT_LOG_DIR:-}" ]]; then
+  mkdir -p "$CXR_AUDIT_LOG_DIR" || exit 1
+  export CXR_AUDIT_LOG="$CXR_AUDIT_LOG_DIR/$(hostname).jsonl"
+fi
+
 torchserve --foreground --ncs "$@" &
 torchserve_pid=$!
 
@@ -35,9 +42,8 @@ front_args=(
   --key-file "$workdir/key_file.json"
   --model-name "${CXR_MODEL_NAME:-cxr-screen}"
 )
-if [[ -n "${CXR_AUDIT_LOG_DIR:-}" ]]; then
-  mkdir -p "$CXR_AUDIT_LOG_DIR"
-  front_args+=(--audit-log "$CXR_AUDIT_LOG_DIR/$(hostname).jsonl")
+if [[ -n "${CXR_AUDIT_LOG:-}" ]]; then
+  front_args+=(--audit-log "$CXR_AUDIT_LOG")
 fi
 # shellcheck disable=SC2086  # CXR_FRONT_ARGS is a list of words on purpose
 python -m serving.front "${front_args[@]}" ${CXR_FRONT_ARGS:-} &

@@ -3,7 +3,8 @@
 - ``local``: runs ``python -m training.sweep --budget small --data-dir DIR`` as a subprocess, for
   real, and waits for it (its output goes to ``sweep.log`` next to the drift summary). The sweep
   trains, evaluates, writes the new reference profile and registers the winner in MLflow.
-- ``kubernetes``: reads the RayJob template the chart mounts into the drift CronJob
+- ``kubernetes``: refuses (``ok``, nothing created, ``refused`` says why) while a RayJob of the same
+  release and component is still active (not Complete / Failed / Suspended), else reads the RayJob template the chart mounts into the drift CronJob
   (``CXR_RAYJOB_TEMPLATE``, from the ConfigMap ``<release>-drift-rayjob-template``, key
   ``rayjob.yaml``) or, outside a cluster, renders it from ``charts/cxr-screen``; annotates it with
   the drift reasons, validates it against the KubeRay CRD schema when ``charts.validate`` and the
@@ -41,6 +42,11 @@ RAYJOB_GROUP, RAYJOB_VERSION, RAYJOB_PLURAL = "ray.io", "v1", "rayjobs"
 TEMPLATE_CONFIGMAP_SUFFIX = "-drift-rayjob-template"
 TEMPLATE_KEY = "rayjob.yaml"
 ANNOTATION_PREFIX = "cxr-screen/"
+# The labels that make a RayJob "one of ours" (the chart's sweep and every retrain it started).
+ACTIVE_SELECTOR_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/component")
+# KubeRay's jobDeploymentStatus values after which a RayJob uses nothing any more; a suspended one
+# (the chart's sweep before someone starts it) holds no pods either.
+INACTIVE_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
 
 
 class TriggerError(RuntimeError):
@@ -178,6 +184,28 @@ def create_rayjob(obj: dict[str, Any], namespace: str, api: Any = None, dry_run:
     return api.create_namespaced_custom_object(RAYJOB_GROUP, RAYJOB_VERSION, namespace, RAYJOB_PLURAL, obj, **kwargs)
 
 
+def _is_active(rayjob: dict[str, Any]) -> bool:
+    """Running or about to run: not finished, not suspended (no status yet: KubeRay is about to start it)."""
+    status = (rayjob.get("status") or {}).get("jobDeploymentStatus")
+    if status:
+        return status not in INACTIVE_DEPLOYMENT_STATUSES
+    return not (rayjob.get("spec") or {}).get("suspend", False)
+
+
+def active_rayjobs(obj: dict[str, Any], namespace: str, api: Any = None) -> list[str]:
+    """Names of the RayJobs in ``namespace`` with ``obj``'s release and component labels still active.
+
+    The drift job runs every night; a full sweep takes longer than that. Starting a second sweep
+    while one runs doubles the cluster's load and races the two winners into the registry.
+    """
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    selector = ",".join(f"{key}={labels[key]}" for key in ACTIVE_SELECTOR_LABELS if key in labels)
+    api = api or kubernetes_api()
+    listed = api.list_namespaced_custom_object(RAYJOB_GROUP, RAYJOB_VERSION, namespace, RAYJOB_PLURAL,
+                                               label_selector=selector)
+    return sorted(item["metadata"]["name"] for item in listed.get("items", []) if _is_active(item))
+
+
 def kubernetes_retrain(summary: dict[str, Any] | None, config: TriggerConfig = TriggerConfig(), *,
                        template: Path | str | None = None, values: dict[str, Any] | str | Path | None = None,
                        api: Any = None, dry_run: bool = False, create: bool = True) -> dict[str, Any]:
@@ -193,6 +221,13 @@ def kubernetes_retrain(summary: dict[str, Any] | None, config: TriggerConfig = T
     result: dict[str, Any] = {"target": "kubernetes", "namespace": namespace, "object": obj,
                               "validated_locally": problems is not None, "ok": True}
     if create:
+        api = api or kubernetes_api()
+        active = active_rayjobs(obj, namespace, api=api)
+        if active:
+            log.warning("retrain not started: RayJob %s still active in %s", ", ".join(active), namespace)
+            result.update(created=None, dry_run=dry_run, active=active,
+                          refused=f"RayJob {', '.join(active)} is still active; one sweep at a time")
+            return result
         created = create_rayjob(obj, namespace, api=api, dry_run=dry_run)
         result["created"] = (created or {}).get("metadata", {}).get("name") if isinstance(created, dict) else None
         result["dry_run"] = dry_run

@@ -105,3 +105,15 @@ def tiny_bundle(data_dir, tmp_path_factory) -> Path:
                          preprocess={"image_size": 64}, subset={"train": 40, "val": 25, "test": 20}, epochs=2,
                          n_bootstrap=50, exclusions=None, figures=False)
     return run_training(config, data_dir, tmp_path_factory.mktemp("tiny-bundle"), track=False).bundle_dir
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory):
+    """A real control plane (etcd, kube-apiserver, controller-manager, scheduler) for the session."""
+    from tests.cluster import Cluster
+
+    cluster = Cluster.start(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

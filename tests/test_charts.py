@@ -261,6 +261,7 @@ FEATURE_OBJECTS = {
         ("Secret", "cxr-screen-api-keys"),
         ("ServingRuntime", "cxr-screen-torchserve"),
         ("NetworkPolicy", "cxr-screen-predictor"),
+        ("ServiceAccount", "cxr-screen-predictor"),
     ],
     "no-networkpolicies": [
         ("NetworkPolicy", "cxr-screen-predictor"),
@@ -369,7 +370,8 @@ def test_mlflow_server_command_probes_and_backend_stores():
     assert container["command"] == ["mlflow", "server"]
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert args[args.index("--port") + 1] == "5000"
-    assert args[args.index("--backend-store-uri") + 1] == "$(MLFLOW_BACKEND_STORE_URI)"
+    # the URI carries the database password: MLflow reads it from the environment, never from argv
+    assert "--backend-store-uri" not in args and not any("MLFLOW_BACKEND_STORE_URI" in arg for arg in args)
     assert args[args.index("--artifacts-destination") + 1] == "/mlartifacts"
     env = env_of(container)
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
@@ -461,7 +463,7 @@ def test_network_policies_isolate_predictor_mlflow_and_postgres():
     assert predictor["podSelector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "cxr-screen"}
     peers = predictor["ingress"][0]["from"]
     assert all(set(peer) == {"namespaceSelector"} for peer in peers)
-    assert {"istio-system", "knative-serving"} == {
+    assert {"istio-system", "knative-serving", "ingress-nginx"} == {
         p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in peers
     }
     mlflow = one(chart, "NetworkPolicy", "cxr-screen-mlflow")["spec"]
@@ -585,3 +587,67 @@ def test_make_package_model_writes_the_layout_the_chart_opens(monitoring_bundle,
     snapshot = json.loads(properties["model_snapshot"])
     model = snapshot["models"]["cxr-screen"]["7"]
     assert {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"} <= set(model)
+
+
+def test_predictor_has_probes_a_read_only_root_and_its_own_service_account():
+    chart = rendered("default")
+    (container,) = one(chart, "ServingRuntime")["spec"]["containers"]
+    assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert "TS_SERVICE_ENVELOPE" not in env_of(container)
+    assert one(chart, "ServingRuntime")["spec"]["supportedModelFormats"][0]["autoSelect"] is False
+    predictor = one(chart, "InferenceService")["spec"]["predictor"]
+    assert predictor["model"]["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in predictor["model"]["volumeMounts"]}
+    assert {"/home/model-server", "/tmp", "/var/log/cxr-screen"} <= mounts
+    account = one(chart, "ServiceAccount", "cxr-screen-predictor")
+    assert predictor["serviceAccountName"] == "cxr-screen-predictor"
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_every_chart_container_but_ray_has_a_read_only_root():
+    chart = rendered("default")
+    for obj in chart.objects:
+        for _, containers in _pods(obj):
+            for container in containers:
+                expected = not container.get("name", "").startswith("ray-")
+                assert container["securityContext"].get("readOnlyRootFilesystem", False) is expected, (
+                    obj["kind"], container["name"])
+
+
+def test_pod_disruption_budgets_only_for_two_or_more_replicas():
+    assert not rendered("default").of_kind("PodDisruptionBudget")  # 1 predictor, 1 MLflow
+    chart = validate.render_chart({"inferenceService": {"minReplicas": 2}, "mlflow": {"replicas": 2}})
+    budgets = {b["metadata"]["name"]: b["spec"] for b in chart.of_kind("PodDisruptionBudget")}
+    assert budgets["cxr-screen-predictor"] == {
+        "maxUnavailable": 1, "selector": {"matchLabels": {"serving.kserve.io/inferenceservice": "cxr-screen"}}}
+    mlflow_pods = one(chart, "Deployment", "cxr-screen-mlflow")["spec"]["selector"]["matchLabels"]
+    assert budgets["cxr-screen-mlflow"] == {"maxUnavailable": 1, "selector": {"matchLabels": mlflow_pods}}
+
+
+def test_sweep_is_suspended_and_ingress_takes_a_radiograph_by_default():
+    chart = rendered("default")
+    assert one(chart, "RayJob")["spec"]["suspend"] is True
+    ingress = one(validate.render_chart({"ingress": {"enabled": True, "host": "cxr.example"}}), "Ingress")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "48m"
+
+
+def test_audit_log_claim_is_created_and_mounted_by_predictor_and_drift():
+    chart = rendered("default")
+    claim = one(chart, "PersistentVolumeClaim", "cxr-screen-audit-log")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    predictor = one(chart, "InferenceService")["spec"]["predictor"]
+    drift = one(chart, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for pod in (predictor, drift):
+        assert {"name": "audit-log", "persistentVolumeClaim": {"claimName": "cxr-screen-audit-log"}} in pod["volumes"]
+    (container,) = drift["containers"]
+    assert {"name": "audit-log", "mountPath": "/var/log/cxr-screen"} in container["volumeMounts"]
+    args = container["args"]
+    assert args[args.index("--current") + 1] == "/var/log/cxr-screen"
+    assert args[args.index("--window-days") + 1] == "1"
+    assert env_of(container)["CXR_FEEDBACK_DB"] == "/var/log/cxr-screen/feedback.db"
+    existing = validate.render_chart({"auditLog": {"existingClaim": "hospital-audit"}})
+    assert not [c for c in existing.of_kind("PersistentVolumeClaim") if c["metadata"]["name"].endswith("audit-log")]

@@ -113,6 +113,15 @@ imagePullSecrets:
 {{- if and .Values.mlflow.enabled .Values.postgresql.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* The audit-log claim the predictor writes and the drift job reads; empty: none. */}}
+{{- define "cxr-screen.auditLog.claim" -}}
+{{- if .Values.auditLog.existingClaim -}}
+{{- .Values.auditLog.existingClaim -}}
+{{- else if .Values.auditLog.create -}}
+{{- printf "%s-audit-log" (include "cxr-screen.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "cxr-screen.sweep.sharedClaim" -}}
 {{- .Values.sweep.sharedStorage.existingClaim | default (printf "%s-ray-results" (include "cxr-screen.fullname" .)) -}}
 {{- end -}}
@@ -165,7 +174,10 @@ spec:
       image: {{ include "cxr-screen.image" (dict "root" $root "image" $root.Values.images.jobs) }}
       imagePullPolicy: {{ $root.Values.images.jobs.pullPolicy }}
       securityContext:
-        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+        {{- /* Ray writes its session folders, logs and spill files under /tmp and $HOME */}}
+        {{- $security := deepCopy $root.Values.containerSecurityContext }}
+        {{- $_ := set $security "readOnlyRootFilesystem" false }}
+        {{- toYaml $security | nindent 8 }}
       {{- if eq .role "head" }}
       ports:
         - name: gcs-server
