@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cxr_core.batching import predict_in_batches
 from cxr_core.bundle import MANIFEST_NAME, Predictor, load_bundle, read_manifest
 from cxr_core.errors import InputError
 from cxr_core.features import prediction_features
@@ -43,23 +44,11 @@ def reference_rows(predictor: Predictor, items: Iterable[tuple[str, bytes, str |
     logged by id and left out (serving would have answered them with a 4xx and logged no features).
     """
     rows: list[dict[str, Any]] = []
-    batch: list[tuple[str, bytes, str | None]] = []
-
-    def flush() -> None:
-        predictions = predictor.predict_many([data for _, data, _ in batch])
-        for (image_id, _, label), prediction in zip(batch, predictions):
-            if isinstance(prediction, InputError):
-                log.warning("reference: %s refused by preprocessing: %s", image_id, prediction)
-                continue
-            rows.append({**prediction_features(prediction), LABEL_COLUMN: label})
-        batch.clear()
-
-    for item in items:
-        batch.append(item)
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
+    for (image_id, _, label), prediction, _ in predict_in_batches(predictor, items, lambda item: item[1], batch_size):
+        if isinstance(prediction, InputError):
+            log.warning("reference: %s refused by preprocessing (%s)", image_id, prediction.code)
+            continue
+        rows.append({**prediction_features(prediction), LABEL_COLUMN: label})
     return rows
 
 

@@ -7,13 +7,13 @@ with request ids and times chosen by the caller. A refused image gives an error 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cxr_core.audit import AuditLogWriter, AuditRecord, error_record, prediction_record, utc_timestamp
+from cxr_core.batching import predict_in_batches
 from cxr_core.bundle import Prediction, Predictor
 from cxr_core.errors import InputError
 
@@ -50,26 +50,10 @@ def replay_images(predictor: Predictor, items: Iterable[tuple[str, bytes]], *, s
                   batch_size: int = 64) -> list[dict[str, Any]]:
     """Predict ``(request_id, bytes)`` items in order; request k is stamped ``start + k * interval``."""
     version = model_version or model_version_of(predictor)
-    records: list[dict[str, Any]] = []
-    batch: list[tuple[str, bytes]] = []
-
-    def flush() -> None:
-        began = time.perf_counter()
-        predictions = predictor.predict_many([data for _, data in batch])
-        latency = (time.perf_counter() - began) * 1000.0 / len(batch)
-        for (request_id, _), prediction in zip(batch, predictions):
-            records.append(audit_record(prediction, request_id=request_id, when=start + len(records) * interval,
-                                        model_name=model_name, model_version=version, caller=caller,
-                                        latency_ms=latency))
-        batch.clear()
-
-    for item in items:
-        batch.append(item)
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
-    return records
+    return [audit_record(prediction, request_id=request_id, when=start + k * interval, model_name=model_name,
+                         model_version=version, caller=caller, latency_ms=latency)
+            for k, ((request_id, _), prediction, latency)
+            in enumerate(predict_in_batches(predictor, items, lambda item: item[1], batch_size))]
 
 
 def write_audit_log(records: Sequence[dict[str, Any]], path: Path | str, append: bool = False) -> Path:
