@@ -13,7 +13,10 @@ dataset contents.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +57,12 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
+def _safe_token(value: object) -> str:
+    """A value read from the caller's file, quoted only when it is a short code (mode, UID, term)."""
+    text = str(value)
+    return text if re.fullmatch(r"[A-Za-z0-9;._ ]{1,40}", text) else "(not shown)"
+
+
 def is_dicom(data: bytes) -> bool:
     """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
     return len(data) >= _DICOM_MAGIC_OFFSET + 4 and data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
@@ -85,12 +94,12 @@ def _decode_raster(data: bytes, max_megapixels: float) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
+    except UnidentifiedImageError:
         raise NotAnImageError(
             "the bytes are not an image in a supported format (JPEG, PNG, BMP, TIFF, DICOM)"
-        ) from exc
-    except Exception as exc:  # PIL raises assorted errors on garbage headers
-        raise NotAnImageError(f"the image header could not be read: {exc}") from exc
+        ) from None
+    except Exception as exc:  # PIL raises assorted errors on garbage headers; their text may quote the bytes
+        raise NotAnImageError(f"the image header could not be read ({type(exc).__name__})") from None
     _check_pixels(image.width, image.height, max_megapixels)
     if getattr(image, "n_frames", 1) > 1:
         raise UnsupportedImageModeError(
@@ -103,10 +112,10 @@ def _decode_raster(data: bytes, max_megapixels: float) -> DecodedImage:
     except OSError as exc:
         message = str(exc).lower()
         if "truncated" in message or "broken data stream" in message or "unrecognized data stream" in message:
-            raise TruncatedImageError(f"the image data is truncated or corrupt: {exc}") from exc
-        raise NotAnImageError(f"the image could not be decoded: {exc}") from exc
-    except (SyntaxError, ValueError) as exc:
-        raise TruncatedImageError(f"the image data is corrupt: {exc}") from exc
+            raise TruncatedImageError("the image data is truncated or corrupt") from None
+        raise NotAnImageError(f"the image could not be decoded ({type(exc).__name__})") from None
+    except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise TruncatedImageError(f"the image data is corrupt ({type(exc).__name__})") from None
     pixels, bit_depth = _raster_to_unit_gray(image)
     return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bit_depth)
 
@@ -138,7 +147,7 @@ def _raster_to_unit_gray(image: Image.Image) -> tuple[np.ndarray, int]:
     if mode in ("L", "1", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
         gray = image.convert("RGB").convert("L") if mode not in ("L", "RGB", "RGBA") else image.convert("L")
         return np.asarray(gray, dtype=np.float32) / 255.0, 8
-    raise UnsupportedImageModeError(f"image mode {mode!r} is not supported")
+    raise UnsupportedImageModeError(f"image mode {_safe_token(mode)} is not supported")
 
 
 def _decode_dicom(data: bytes, max_megapixels: float) -> DecodedImage:
@@ -148,27 +157,35 @@ def _decode_dicom(data: bytes, max_megapixels: float) -> DecodedImage:
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:
-        raise TruncatedImageError(f"the DICOM file could not be parsed ({type(exc).__name__})") from exc
+        raise TruncatedImageError(f"the DICOM file could not be parsed ({type(exc).__name__})") from None
     if "PixelData" not in dataset:
         raise NotAnImageError("the DICOM file holds no pixel data")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     _check_pixels(columns, rows, max_megapixels)
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise UnsupportedImageModeError("multi-frame DICOM is not supported; send one radiograph")
+    syntax_uid = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax_uid is not None and not getattr(syntax_uid, "is_compressed", True):
+        expected = rows * columns * int(dataset.get("SamplesPerPixel", 1) or 1) * (
+            int(dataset.get("BitsAllocated", 8) or 8) // 8)
+        if len(dataset.PixelData) < expected:
+            raise TruncatedImageError(
+                f"the DICOM pixel data is truncated ({len(dataset.PixelData)} of {expected} bytes present)")
     try:
         raw = dataset.pixel_array
     except Exception as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
+        syntax = _safe_token(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown"))
         raise UnsupportedImageModeError(
             f"the DICOM pixel data could not be decoded (transfer syntax {syntax}: {type(exc).__name__})"
-        ) from exc
+        ) from None
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits_stored = int(dataset.get("BitsStored", 8))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if raw.ndim == 3 and raw.shape[-1] == 3:
             gray = np.asarray(Image.fromarray(raw.astype(np.uint8)).convert("L"), dtype=np.float32) / 255.0
             return DecodedImage(gray, "dicom", 8)
-        raise UnsupportedImageModeError(f"DICOM photometric interpretation {photometric} is not supported")
+        raise UnsupportedImageModeError(
+            f"DICOM photometric interpretation {_safe_token(photometric)} is not supported")
     signed = int(dataset.get("PixelRepresentation", 0)) == 1
     low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
     values = apply_modality_lut(raw, dataset).astype(np.float64)

@@ -46,6 +46,7 @@ from serving.envelopes import (  # noqa: E402
     ranked_thresholds,
     response_body,
 )
+from serving.redact import install_redaction  # noqa: E402
 from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, http_status  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class CxrScreenHandler(BaseHandler):
         self.model_version = str(manifest.get("modelVersion") or "unknown")
         self.thresholds = ranked_thresholds(self.predictor.manifest.policy)
         self.audit = AuditLog()
+        install_redaction()
         if self.predictor.torch_model is not None:
             import pytorch_grad_cam  # noqa: F401  # slow first import: pay it at load, not on a request
         self.initialized = True
