@@ -47,6 +47,7 @@ class DecodedImage:
     pixels: np.ndarray
     source_format: str
     bit_depth: int
+    colourfulness: float = 0.0  # mean max-min channel spread, 0-255: radiographs ~0, photographs >> 10
 
     @property
     def height(self) -> int:
@@ -116,8 +117,76 @@ def _decode_raster(data: bytes, max_megapixels: float) -> DecodedImage:
         raise NotAnImageError(f"the image could not be decoded ({type(exc).__name__})") from None
     except (SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise TruncatedImageError(f"the image data is corrupt ({type(exc).__name__})") from None
+    if source_format == "png" and not _png_stream_complete(data):
+        raise TruncatedImageError("the PNG's pixel data ends before its last row (incomplete file)")
+    if source_format == "jpeg" and _jpeg_padded(image):
+        raise TruncatedImageError("the JPEG's data ends early (the decoder padded the missing rows)")
     pixels, bit_depth = _raster_to_unit_gray(image)
-    return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bit_depth)
+    return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bit_depth,
+                        colourfulness=_colourfulness(image))
+
+
+def _colourfulness(image: Image.Image) -> float:
+    """Mean spread between the colour channels (0-255) on a small copy; 0 for grey images."""
+    if image.mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "LA"):
+        return 0.0
+    small = image.copy()
+    small.thumbnail((128, 128))
+    rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_stream_complete(data: bytes) -> bool:
+    """Does the PNG's zlib stream hold every row its header declares? Pillow pads a short stream
+    with black without an error; a hospital must get a refusal instead."""
+    position, idat, header = 8, [], None
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        body = data[position + 8: position + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        position += 12 + length
+    if header is None or len(header) < 13:
+        return False
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[:13])
+    channels = _PNG_CHANNELS.get(colour, 1)
+
+    def row_bytes(pixels: int) -> int:
+        return 1 + (pixels * channels * depth + 7) // 8
+
+    if interlace:
+        expected = 0
+        for x0, y0, dx, dy in _ADAM7:
+            columns, rows = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+            expected += rows * row_bytes(columns) if columns > 0 and rows > 0 else 0
+    else:
+        expected = height * row_bytes(width)
+    inflater, produced, stream = zlib.decompressobj(), 0, b"".join(idat)
+    try:
+        while stream and produced < expected:
+            produced += len(inflater.decompress(stream, 1 << 20))
+            stream = inflater.unconsumed_tail
+    except zlib.error:
+        return False
+    return produced >= expected
+
+
+def _jpeg_padded(image: Image.Image) -> bool:
+    """libjpeg answers a JPEG cut short (then closed with an EOI marker) with a warning and fills the
+    missing blocks with mid-gray (128). Pillow drops the warning; an exactly-128 bottom block row
+    right across the image is that padding (no radiograph ends in a flat 128 band)."""
+    if image.height < 16:
+        return False
+    tail = np.asarray(image.crop((0, image.height - 8, image.width, image.height)).convert("L"))
+    return bool((tail == 128).all())
 
 
 def _raster_to_unit_gray(image: Image.Image) -> tuple[np.ndarray, int]:

@@ -239,12 +239,14 @@ def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bo
 
 def prediction_response(prediction: Prediction, *, request_id: str, item: int, model_name: str, model_version: str,
                         latency_ms: float, explanation: ExplanationOut | None = None,
-                        thresholds: dict[str, float] | None = None) -> PredictionResponse:
+                        thresholds: dict[str, float] | None = None, notes: list[str] | None = None
+                        ) -> PredictionResponse:
     decision = prediction.decision
+    gradable = prediction.gradable  # an ungradable image's probabilities are not a finding: not shown
     return PredictionResponse(
         request_id=request_id, item=item, model_name=model_name, model_version=model_version,
-        classes=prediction.classes, probabilities_raw=prediction.probabilities_raw,
-        probabilities=prediction.probabilities,
+        classes=prediction.classes, probabilities_raw=prediction.probabilities_raw if gradable else {},
+        probabilities=prediction.probabilities if gradable else {}, gate=prediction.gate, notes=notes or [],
         decision=DecisionOut(label=decision.label, fired_class=decision.fired_class, threshold=decision.threshold,
                              triage=decision.triage, gray_zone=decision.gray_zone),
         thresholds=thresholds or {}, quality=prediction.quality, latency_ms=round(latency_ms, 3), explanation=explanation,
@@ -274,8 +276,10 @@ def response_body(parsed: ParsedRequest, answers: list[PredictionResponse], *, r
                 {"name": V2_TRIAGE_OUTPUT, "datatype": "BYTES", "shape": [n],
                  "data": [answer.decision.triage for answer in answers]},
                 {"name": V2_PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [n, len(classes)],
-                 "parameters": {"classes": ",".join(classes), "calibrated": True},
-                 "data": [answer.probabilities[c] for answer in answers for c in classes]},
+                 "parameters": {"classes": ",".join(classes), "calibrated": True,
+                                "ungradable_items": ",".join(str(i) for i, a in enumerate(answers)
+                                                             if not a.probabilities)},
+                 "data": [answer.probabilities.get(c, 0.0) for answer in answers for c in classes]},
             ],
         }
     if parsed.single:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from cxr_core.errors import InputError
+from cxr_core.gate import GateVerdict
 from cxr_core.preprocess import QualityFlags
 
 MODEL_NAME = "cxr-screen"
@@ -57,6 +58,10 @@ HTTP_STATUS: dict[str, int] = {
     "too_many_images": 413,
     "body_too_large": 413,
     "explanations_unavailable": 422,
+    "unknown_input": 400,
+    "unknown_output": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
     "unknown_method": 400,
     # the caller
     "unauthorized": 401,
@@ -169,14 +174,18 @@ class PredictionResponse(BaseModel):
     model_name: str
     model_version: str
     classes: list[str]
-    probabilities_raw: dict[str, float] = Field(description="softmax of the logits")
-    probabilities: dict[str, float] = Field(description="temperature-calibrated; what the policy uses")
+    probabilities_raw: dict[str, float] = Field(description="softmax of the logits; empty when ungradable")
+    probabilities: dict[str, float] = Field(description="temperature-calibrated; what the policy uses; empty when "
+                                                        "the gate found the image ungradable (no finding to present)")
     decision: DecisionOut
     thresholds: dict[str, float] = Field(
         {}, description="the policy's fitted thresholds of the ranked classes, in priority order")
     quality: QualityFlags
     latency_ms: float = Field(description="time in the model server's handler for this request's batch")
     explanation: ExplanationOut | None = None
+    gate: GateVerdict | None = Field(None, description="the gradability gate: ungradable images get decision "
+                                                       "'ungradable', triage 'review' and its reason")
+    notes: list[str] = Field([], description="what the server could not do for this request, e.g. an explanation")
 
 
 class V1Response(BaseModel):
