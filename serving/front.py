@@ -24,6 +24,7 @@ API keys come from ``--api-keys-file`` (JSON ``{"caller": "key"}``) or ``CXR_API
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import logging
@@ -38,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from serving import connguard
 from serving.audit import AuditLog
 from serving.redact import install_redaction
 from serving.oip import OipError, encode_response, model_metadata, parse_infer
@@ -58,7 +60,8 @@ V2_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]
 AUDITED_HEADER = "x-cxr-audited"
 OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready", "/metrics")
 STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found",
-                405: "method_not_allowed", 413: "body_too_large", 415: "not_an_image", 422: "invalid_request",
+                405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 415: "not_an_image",
+                422: "invalid_request",
                 500: "internal_error", 501: "not_implemented", 502: "bad_gateway",
                 503: "model_server_unavailable", 504: "model_server_timeout"}
 
@@ -94,6 +97,9 @@ class FrontSettings:
     timeout_s: float = 120.0
     audit_log: Path | None = None
     open_paths: tuple[str, ...] = field(default=OPEN_PATHS)
+    body_timeout_s: float = 30.0  # whole body; a 48 MB upload needs > 1.6 MB/s
+    header_timeout_s: float = 10.0
+    max_connections_per_client: int = 32
 
 
 class FrontError(Exception):
@@ -347,9 +353,16 @@ class FrontGuard:
                 return await self._answer(send, 413, "body_too_large",
                                           f"the request body is {int(declared)} bytes; the limit is {limit}", context)
             chunks, size = [], 0
+            deadline = time.monotonic() + self.settings.body_timeout_s
             while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    return await self._answer(send, 408, "body_timeout", f"the request body did not arrive within "
+                                              f"{self.settings.body_timeout_s:g} s", context,
+                                              extra=[(b"connection", b"close")])
+                if message["type"] == "http.disconnect":  # the client gave up: still one audit line
+                    self._audit(400, "client_disconnected", context)
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
@@ -544,6 +557,14 @@ def build_server(settings: FrontSettings, port: int):
         return JSONResponse(status_code=exc.status, content=exc.body, headers=headers)
 
     app.add_exception_handler(FrontError, front_error_handler)
+    refusals = AuditLog(settings.audit_log) if settings.audit_log else AuditLog()
+
+    def audit_connection_refusal(status: int, code: str) -> None:
+        refusals.error(request_id=str(uuid.uuid4()), model_name=settings.model_name, model_version=model.model_version,
+                       caller_id=None, latency_ms=0.0, protocol="other", status=status, code=code, stage="front")
+
+    connguard.ON_REFUSAL[:] = [audit_connection_refusal]
+    connguard.install(connguard.ConnectionLimits(settings.header_timeout_s, settings.max_connections_per_client))
     app.add_middleware(FrontGuard, settings=settings, model_version=lambda: model.model_version, model=model)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False,
                                 enable_latency_logging=False)
@@ -561,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-mb", type=float, default=48.0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--audit-log", type=Path, default=None, help="default $CXR_AUDIT_LOG or logs/audit.jsonl")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0, help="time to receive a whole request body")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0, help="time to receive the request headers")
+    parser.add_argument("--max-connections-per-client", type=int, default=32)
     args = parser.parse_args(argv)
     api_keys = load_api_keys(args.api_keys_file)
     if not api_keys:
@@ -568,7 +592,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = FrontSettings(torchserve_url=args.torchserve_url.rstrip("/"), key_file=args.key_file,
                              api_keys=api_keys, management_url=(args.management_url or "").rstrip("/") or None,
                              model_name=args.model_name, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                             timeout_s=args.timeout_s, audit_log=args.audit_log)
+                             timeout_s=args.timeout_s, audit_log=args.audit_log, body_timeout_s=args.body_timeout_s,
+                             header_timeout_s=args.header_timeout_s,
+                             max_connections_per_client=args.max_connections_per_client)
     sys.argv = sys.argv[:1]  # kserve parses sys.argv at import: keep our flags away from it
     server, model = build_server(settings, args.port)
     install_redaction()

@@ -47,6 +47,7 @@ from serving.envelopes import (  # noqa: E402
     response_body,
 )
 from serving.redact import install_redaction  # noqa: E402
+from serving.schemas import PIXEL_BUDGET_ENV, PIXEL_BUDGET_MP  # noqa: E402
 from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, http_status  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class CxrScreenHandler(BaseHandler):
             torch.set_num_threads(int(threads))
         model_dir = Path(context.system_properties["model_dir"])
         self.predictor = load_bundle(model_dir / BUNDLE_DIR)
+        budget = float(os.environ.get(PIXEL_BUDGET_ENV) or PIXEL_BUDGET_MP)
+        preprocess = self.predictor.manifest.preprocess  # the budget changes refusals, never pixels
+        self.predictor.manifest.preprocess = preprocess.model_copy(
+            update={"max_megapixels": min(preprocess.max_megapixels, budget)})
         manifest = (context.manifest or {}).get("model", {})
         self.model_name = manifest.get("modelName") or MODEL_NAME
         self.model_version = str(manifest.get("modelVersion") or "unknown")

@@ -33,6 +33,12 @@ from cxr_core.preprocess import QualityFlags
 
 MODEL_NAME = "cxr-screen"
 MAX_IMAGES_PER_REQUEST = 16
+# Serving's pixel budget, checked on the header before any pixel is decoded. The largest flat-panel
+# chest detectors are 43 x 43 cm at 100 um (4300 x 4300 = 18.5 MP); CR plates and 139-150 um panels
+# are smaller. 20 MP takes every real radiograph and refuses a 59 MP "PNG bomb" at once.
+# Override with CXR_MAX_MEGAPIXELS; the bundle's own (training) limit applies when lower.
+PIXEL_BUDGET_MP = 20.0
+PIXEL_BUDGET_ENV = "CXR_MAX_MEGAPIXELS"
 V2_RESULT_OUTPUT = "result"
 V2_PROBABILITIES_OUTPUT = "probabilities"
 V2_LABEL_OUTPUT = "label"
