@@ -181,7 +181,7 @@ def parse_v2(payload: dict[str, Any]) -> ParsedRequest:
 
 def _json_payload(value: Any, content_type: str) -> Any | None:
     """The decoded JSON document of a request body, or None when the body is not JSON."""
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, int, float)):  # TorchServe already decoded a JSON body
         return value
     if isinstance(value, str):
         value = value.encode("utf-8")

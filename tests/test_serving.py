@@ -15,6 +15,7 @@ import struct
 import threading
 import uuid
 import zlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,29 +88,34 @@ def offline(tiny_bundle):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    package = build_package(tiny_bundle, root / "model-package", version="3",
+@contextmanager
+def serving_stack(bundle: Path, root: Path, front: dict | None = None):
+    """TorchServe (batch 4, one worker) + the KServe front on free ports; always stopped."""
+    package = build_package(bundle, root / "model-package", version="3",
                             config=PackageConfig(workers=1, batch_size=4, max_batch_delay_ms=300))
     audit_log = root / "audit.jsonl"
     keys_file = root / "api_keys.json"
     keys_file.write_text(json.dumps({CALLER: API_KEY}))
-    config = ServingConfig.model_validate({"front": {"max_body_mb": 2}})
+    config = ServingConfig.model_validate({"front": {"max_body_mb": 2, **(front or {})}})
     torchserve = TorchServe(package.root, root / "state", audit_log=audit_log, torch_threads=1)
-    front = None
+    process = None
     try:
         torchserve.start()
         port = free_port()
-        front = start_front(torchserve, port, root / "state", keys_file, config, audit_log)
-        served = Stack(torchserve, f"http://127.0.0.1:{port}", audit_log, package.version, package.root, root,
-                       tiny_bundle)
+        process = start_front(torchserve, port, root / "state", keys_file, config, audit_log)
+        served = Stack(torchserve, f"http://127.0.0.1:{port}", audit_log, package.version, package.root, root, bundle)
         yield served
         served.http.close()
     finally:
-        if front is not None:
-            stop_process_group(front.pid)
+        if process is not None:
+            stop_process_group(process.pid)
         torchserve.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_bundle, tmp_path_factory):
+    with serving_stack(tiny_bundle, tmp_path_factory.mktemp("serving")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
