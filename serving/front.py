@@ -12,7 +12,13 @@ all model work; the front only adds what sits in front of a hospital-facing endp
 - one error shape for everything it refuses itself: ``{"error": reason, "code": code}`` (kserve's
   and FastAPI's own 4xx bodies are rewritten to it), with an audit line for each such refusal,
 - a request id for every request (``X-Request-Id``, generated when absent), passed to TorchServe
-  and echoed in the response headers.
+  and echoed in the response headers,
+- the Open Inference Protocol routes (``/v2/models/...``: infer in JSON or the binary tensor
+  extension, metadata, readiness) answered by :mod:`serving.oip` instead of kserve's decoder,
+  readiness true only while TorchServe has a READY worker,
+- a body read timeout here, a header timeout and a per-client connection cap in
+  :mod:`serving.connguard`; error reasons and log lines never quote what a caller sent
+  (:mod:`serving.redact`).
 
     python -m serving.front --port 8080 --torchserve-url http://127.0.0.1:8085 \
         --management-url http://127.0.0.1:8081 --key-file .cache/serving-stack/key_file.json

@@ -4,7 +4,8 @@ One place that says what a caller may send and what they get back, shared by the
 handler (which validates every request, whatever route it came by), the KServe front, the triage
 CLI and the tests.
 
-Requests (images always travel as base64 inside JSON, raw bytes only on the native route):
+Requests (images travel as base64 inside JSON; raw bytes on the native route and in the v2 binary
+tensor extension, which the KServe front decodes itself, see :mod:`serving.oip`):
 
 - native TorchServe ``/predictions/cxr-screen``: the image bytes as the body (or a multipart
   ``data`` field); answered with one :class:`PredictionResponse`.
