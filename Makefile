@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -122,6 +122,16 @@ latency: install ## single-request p50/p95 per protocol against `make serve` -> 
 
 triage: install ## worklist CSV of a folder: make triage DIR=... [OFFLINE=1 BUNDLE=dir]
 	$(PY) -m serving.triage $(DIR) $(if $(OFFLINE),--offline --bundle $(BUNDLE)) --out $(REPORTS)/serving/worklist.csv
+
+gate: install ## fit the gradability gate into BUNDLE=dir (default: the champion, fetched to runs/champion/bundle)
+	$(if $(BUNDLE),,$(PY) -m training.registry fetch --uri models:/cxr-screen@champion --out runs/champion/bundle)
+	$(PY) -m cxr_core.gate fit --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR)
+
+gate-report: install ## the gate's refusals on the real test split and on every garbage kind -> reports/serving/gate.json
+	$(PY) -m serving.gate_report --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/gate.json
+
+conformance: install ## tritonclient + kserve's REST client against a fresh stack serving BUNDLE -> reports/serving/conformance.json
+	$(PY) -m serving.conformance --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/conformance.json
 
 explain: mlflow ## Grad-CAM overlay of one image: make explain IMAGE=... [BUNDLE=dir] [METHOD=gradcam++]
 	$(PY) -m serving.explain $(IMAGE) $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri $(MODEL_URI)) --method $(METHOD) --out $(REPORTS)/serving/overlay.png

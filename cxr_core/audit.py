@@ -88,6 +88,8 @@ def prediction_record(prediction: "Prediction", *, request_id: str, time: str, m
     features = prediction_features(prediction)
     features["fired_class"] = prediction.decision.fired_class
     features["gray_zone"] = ",".join(prediction.decision.gray_zone)
+    features["gradable"] = prediction.gradable
+    features["gate_code"] = prediction.gate.code if prediction.gate is not None else None
     return AuditRecord(event="prediction", request_id=request_id, time=time, model_name=model_name,
                        model_version=model_version, caller_id=caller_id, latency_ms=round(latency_ms, 3),
                        protocol=protocol, status=200, item=item, n_items=n_items, explained=explained,

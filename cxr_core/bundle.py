@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
+from cxr_core.gate import GATE_ARRAYS, Gate, GateConfig, GateVerdict
 from cxr_core.hog import HogConfig, hog_features
 from cxr_core.models import create_model
 from cxr_core.policy import Decision, FittedPolicy
@@ -37,6 +38,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 TORCH_WEIGHTS = "weights.pt"
 SKLEARN_MODEL = "model.joblib"
+UNGRADABLE = "ungradable"
 
 
 class UnsupportedBundleError(ValueError):
@@ -80,6 +82,7 @@ class BundleManifest(BaseModel):
     metrics: dict[str, Any] = {}
     provenance: Provenance = Provenance()
     reference_profile: dict[str, Any] | None = Field(None, description="drift reference (monitoring)")
+    gate: GateConfig | None = Field(None, description="gradability gate (cxr_core.gate); arrays in gate.npz")
 
 
 class Prediction(BaseModel):
@@ -90,6 +93,11 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="calibrated (temperature-scaled)")
     decision: Decision
     quality: QualityFlags
+    gate: GateVerdict | None = Field(None, description="the gradability gate's verdict; None without a gate")
+
+    @property
+    def gradable(self) -> bool:
+        return self.gate is None or self.gate.gradable
 
 
 def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
@@ -120,6 +128,7 @@ class Predictor:
     torch_model: torch.nn.Module | None = None
     sklearn_model: Any = None
     path: Path | None = None
+    gate: Gate | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -134,11 +143,22 @@ class Predictor:
         """Raw and calibrated probabilities of a logits matrix."""
         return softmax(logits, 1.0), softmax(logits, self.manifest.temperature)
 
-    def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags]) -> list[Prediction]:
+    def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags],
+                         colourfulness: list[float] | None = None) -> list[Prediction]:
         raw, calibrated = self.probabilities(self.logits_from_pixels(pixels))
+        verdicts = (self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness)
+                    if self.gate is not None else [None] * len(flags))
         results = []
-        for row_raw, row_cal, quality in zip(raw, calibrated, flags):
+        for row_raw, row_cal, quality, verdict in zip(raw, calibrated, flags, verdicts):
             concern = quality.underexposed or quality.overexposed or quality.low_contrast
+            if verdict is not None and not verdict.gradable:  # no diagnosis: human review
+                results.append(Prediction(
+                    classes=self.classes, probabilities_raw={c: float(p) for c, p in zip(self.classes, row_raw)},
+                    probabilities={c: float(p) for c, p in zip(self.classes, row_cal)},
+                    decision=Decision(label=UNGRADABLE, index=-1, fired_class=None, threshold=None, triage="review",
+                                      gray_zone=[]),
+                    quality=quality, gate=verdict))
+                continue
             results.append(
                 Prediction(
                     classes=self.classes,
@@ -146,6 +166,7 @@ class Predictor:
                     probabilities={c: float(p) for c, p in zip(self.classes, row_cal)},
                     decision=self.manifest.policy.decide(row_cal, quality_concern=concern),
                     quality=quality,
+                    gate=verdict,
                 )
             )
         return results
@@ -153,7 +174,7 @@ class Predictor:
     def predict_bytes(self, data: bytes) -> Prediction:
         """Bytes -> Prediction; raises :class:`InputError` for bad input."""
         prepared = prepare_image(data, self.manifest.preprocess)
-        return self.predict_prepared(prepared.pixels[None], [prepared.flags])[0]
+        return self.predict_prepared(prepared.pixels[None], [prepared.flags], [prepared.colourfulness])[0]
 
     def predict_many(self, items: list[bytes]) -> list[Prediction | InputError]:
         """Batch prediction; a bad item yields its error in place, the others still run."""
@@ -166,7 +187,8 @@ class Predictor:
             except InputError as error:
                 results[position] = error
         if prepared:
-            predictions = self.predict_prepared(np.stack([p.pixels for p in prepared]), [p.flags for p in prepared])
+            predictions = self.predict_prepared(np.stack([p.pixels for p in prepared]), [p.flags for p in prepared],
+                                                [p.colourfulness for p in prepared])
             for position, prediction in zip(slots, predictions):
                 results[position] = prediction
         return results  # type: ignore[return-value]
@@ -206,15 +228,16 @@ def read_manifest(path: Path | str) -> BundleManifest:
     return BundleManifest.model_validate(payload)
 
 
-def load_bundle(path: Path | str) -> Predictor:
-    """Load a bundle directory into a :class:`Predictor` (eval mode, CPU)."""
+def load_bundle(path: Path | str, gate: bool = True) -> Predictor:
+    """Load a bundle directory into a :class:`Predictor` (eval mode, CPU), with its gate if it has one."""
     path = Path(path)
     manifest = read_manifest(path)
+    fitted_gate = Gate.load(path, manifest.gate) if gate and manifest.gate and (path / GATE_ARRAYS).exists() else None
     if manifest.model.kind == "torch":
         model = create_model(manifest.model.name, len(manifest.classes), **manifest.model.kwargs)
         model.load_state_dict(torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True))
         model.eval()
-        return Predictor(manifest=manifest, torch_model=model, path=path)
+        return Predictor(manifest=manifest, torch_model=model, path=path, gate=fitted_gate)
     import joblib
 
-    return Predictor(manifest=manifest, sklearn_model=joblib.load(path / SKLEARN_MODEL), path=path)
+    return Predictor(manifest=manifest, sklearn_model=joblib.load(path / SKLEARN_MODEL), path=path, gate=fitted_gate)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import cv2
@@ -100,6 +100,7 @@ class PreparedImage:
     pixels: np.ndarray
     flags: QualityFlags
     crop_box: tuple[int, int, int, int]  # top, bottom (exclusive), left, right (exclusive)
+    colourfulness: float = 0.0  # from the decoder; the gradability gate refuses colour photographs
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:
@@ -188,7 +189,8 @@ def prepare_gray(gray: np.ndarray, config: PreprocessConfig, source_format: str 
 def prepare_image(data: bytes, config: PreprocessConfig) -> PreparedImage:
     """Bytes (JPEG, PNG, BMP, TIFF, DICOM) -> :class:`PreparedImage`. Raises InputError subclasses."""
     decoded = decode_grayscale(data, config.max_megapixels)
-    return prepare_gray(to_uint8(decoded.pixels), config, decoded.source_format, decoded.bit_depth)
+    prepared = prepare_gray(to_uint8(decoded.pixels), config, decoded.source_format, decoded.bit_depth)
+    return replace(prepared, colourfulness=decoded.colourfulness)
 
 
 def pixels_to_tensor(pixels: np.ndarray, config: PreprocessConfig) -> torch.Tensor:

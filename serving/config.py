@@ -22,7 +22,9 @@ class PackageConfig(BaseModel):
     batch_size: int = Field(4, ge=1, le=64)
     max_batch_delay_ms: int = Field(20, ge=0)
     response_timeout_s: int = Field(120, ge=1)
-    max_request_mb: int = Field(64, ge=1)
+    max_request_mb: int = Field(64, ge=1, description="TorchServe's request/response cap: the front's 48 MB body "
+                                                       "limit as base64 (x4/3)")
+    job_queue_size: int = Field(100, ge=1, description="TorchServe's queue per model: beyond it 503, not memory")
     install_py_dep_per_model: bool = False
 
 
@@ -46,6 +48,9 @@ class FrontConfig(BaseModel):
 
     max_body_mb: float = Field(48, gt=0)
     request_timeout_s: float = Field(120, gt=0)
+    body_timeout_s: float = Field(30, gt=0, description="to receive a whole body (48 MB needs > 1.6 MB/s)")
+    header_timeout_s: float = Field(10, gt=0, description="to receive the request headers (slowloris)")
+    max_connections_per_client: int = Field(32, ge=1, description="open sockets per client address")
     api_keys_file: str | None = None
 
 

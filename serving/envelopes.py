@@ -41,6 +41,10 @@ from serving.schemas import (
 )
 
 Protocol = Literal["native", "v1", "v2"]
+KNOWN_FIELDS = frozenset({"instances", "data", "b64", "explain", "explain_method", "inputs", "outputs", "name", "shape",
+                          "datatype", "parameters", "id", "body", "str", "V1Instance", "list[any]", "int",
+                          "function-after[_one_image(), V1Instance]", "bool", "float", "StrictBool", "StrictInt",
+                          "StrictFloat"})
 JSON_CONTENT_TYPES = ("application/json", "application/cloudevents+json", "application/ld+json")
 
 
@@ -60,7 +64,7 @@ class ParsedRequest:
 def decode_base64(text: Any, where: str) -> bytes:
     """Standard or URL-safe base64, with or without padding, whitespace or a ``data:`` URL prefix."""
     if not isinstance(text, str):
-        raise RequestError("wrong_datatype", f"{where}: expected a base64 string, got {type(text).__name__}")
+        raise RequestError("wrong_datatype", f"{where}: expected a base64 string, got a JSON {_json_type(text)}")
     compact = text.strip()
     if compact.startswith("data:") and "," in compact[:200]:
         compact = compact.split(",", 1)[1]
@@ -71,16 +75,32 @@ def decode_base64(text: Any, where: str) -> bytes:
     compact += "=" * (-len(compact) % 4)
     try:
         data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError("bad_base64", f"{where}: the image is not valid base64 ({exc})") from None
+    except (binascii.Error, ValueError):
+        raise RequestError("bad_base64", f"{where}: the image is not valid base64") from None
     if not data:
         raise RequestError("empty", f"{where}: the base64 image decodes to 0 bytes")
     return data
 
 
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null")
+
+
+def _safe_location(parts) -> str:
+    """A validation error's location, naming only our own field names and indices (never a caller's key)."""
+    names = []
+    for part in parts:
+        if isinstance(part, int) or (isinstance(part, str) and part in KNOWN_FIELDS):
+            names.append(str(part))
+        else:
+            names.append("*")
+    return ".".join(names) or "body"
+
+
 def _validation_reason(error: ValidationError) -> tuple[str, str]:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    first = error.errors(include_input=False, include_url=False)[0]
+    location = _safe_location(first.get("loc", ()))
     code = "missing_field" if first.get("type") == "missing" else "invalid_request"
     return code, f"{location}: {first.get('msg', 'invalid value')}"
 
@@ -106,7 +126,7 @@ def _method(value: Any) -> str:
     method = {"gradcam": "gradcam", "gradcam++": "gradcam++", "gradcampp": "gradcam++",
               "gradcamplusplus": "gradcam++"}.get(method, "")
     if not method:
-        raise RequestError("unknown_method", f"unknown explanation method {value!r}; use gradcam or gradcam++")
+        raise RequestError("unknown_method", "unknown explanation method; use gradcam or gradcam++")
     return method
 
 
@@ -137,12 +157,11 @@ def parse_v2(payload: dict[str, Any]) -> ParsedRequest:
                                           f"got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.datatype.upper() != "BYTES":
-        raise RequestError("wrong_datatype", f'input {tensor.name!r} has datatype {tensor.datatype}; '
-                                             'images must be sent as datatype "BYTES" (base64 strings)')
+        raise RequestError("wrong_datatype", 'the input tensor must have datatype "BYTES" (base64 strings)')
     count = len(tensor.data)
     _check_count(count)
     if count == 0:
-        raise RequestError("empty", f"input {tensor.name!r} holds no images")
+        raise RequestError("empty", "the input tensor holds no images")
     dims = tensor.shape
     known = 1
     for dim in dims:
@@ -150,7 +169,7 @@ def parse_v2(payload: dict[str, Any]) -> ParsedRequest:
     valid_rank = len(dims) == 1 or (len(dims) == 2 and dims[1] in (1, -1))
     if (not valid_rank or any(dim < -1 or dim == 0 for dim in dims) or dims.count(-1) > 1
             or (-1 not in dims and known != count) or (-1 in dims and count % known)):
-        raise RequestError("wrong_shape", f"input {tensor.name!r} has shape {dims} but holds {count} images; "
+        raise RequestError("wrong_shape", f"the input tensor's shape does not match its {count} images; "
                                           f"use shape [{count}] (one base64 string per image)")
     images = [decode_base64(item, f"inputs[0].data[{index}]") for index, item in enumerate(tensor.data)]
     parameters = {**(tensor.parameters or {}), **(request.parameters or {})}
@@ -162,7 +181,7 @@ def parse_v2(payload: dict[str, Any]) -> ParsedRequest:
 
 def _json_payload(value: Any, content_type: str) -> Any | None:
     """The decoded JSON document of a request body, or None when the body is not JSON."""
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, int, float)):  # TorchServe already decoded a JSON body
         return value
     if isinstance(value, str):
         value = value.encode("utf-8")
@@ -174,8 +193,10 @@ def _json_payload(value: Any, content_type: str) -> Any | None:
         return None
     try:
         return json.loads(bytes(value))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError("malformed_json", f"the request body is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        position = getattr(exc, "pos", None)
+        where = f" at byte {position}" if isinstance(position, int) else ""
+        raise RequestError("malformed_json", f"the request body is not valid JSON{where}") from None
 
 
 def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bool = False) -> ParsedRequest:
@@ -218,12 +239,14 @@ def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bo
 
 def prediction_response(prediction: Prediction, *, request_id: str, item: int, model_name: str, model_version: str,
                         latency_ms: float, explanation: ExplanationOut | None = None,
-                        thresholds: dict[str, float] | None = None) -> PredictionResponse:
+                        thresholds: dict[str, float] | None = None, notes: list[str] | None = None
+                        ) -> PredictionResponse:
     decision = prediction.decision
+    gradable = prediction.gradable  # an ungradable image's probabilities are not a finding: not shown
     return PredictionResponse(
         request_id=request_id, item=item, model_name=model_name, model_version=model_version,
-        classes=prediction.classes, probabilities_raw=prediction.probabilities_raw,
-        probabilities=prediction.probabilities,
+        classes=prediction.classes, probabilities_raw=prediction.probabilities_raw if gradable else {},
+        probabilities=prediction.probabilities if gradable else {}, gate=prediction.gate, notes=notes or [],
         decision=DecisionOut(label=decision.label, fired_class=decision.fired_class, threshold=decision.threshold,
                              triage=decision.triage, gray_zone=decision.gray_zone),
         thresholds=thresholds or {}, quality=prediction.quality, latency_ms=round(latency_ms, 3), explanation=explanation,
@@ -253,8 +276,10 @@ def response_body(parsed: ParsedRequest, answers: list[PredictionResponse], *, r
                 {"name": V2_TRIAGE_OUTPUT, "datatype": "BYTES", "shape": [n],
                  "data": [answer.decision.triage for answer in answers]},
                 {"name": V2_PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [n, len(classes)],
-                 "parameters": {"classes": ",".join(classes), "calibrated": True},
-                 "data": [answer.probabilities[c] for answer in answers for c in classes]},
+                 "parameters": {"classes": ",".join(classes), "calibrated": True,
+                                "ungradable_items": ",".join(str(i) for i, a in enumerate(answers)
+                                                             if not a.probabilities)},
+                 "data": [answer.probabilities.get(c, 0.0) for answer in answers for c in classes]},
             ],
         }
     if parsed.single:

@@ -12,7 +12,13 @@ all model work; the front only adds what sits in front of a hospital-facing endp
 - one error shape for everything it refuses itself: ``{"error": reason, "code": code}`` (kserve's
   and FastAPI's own 4xx bodies are rewritten to it), with an audit line for each such refusal,
 - a request id for every request (``X-Request-Id``, generated when absent), passed to TorchServe
-  and echoed in the response headers.
+  and echoed in the response headers,
+- the Open Inference Protocol routes (``/v2/models/...``: infer in JSON or the binary tensor
+  extension, metadata, readiness) answered by :mod:`serving.oip` instead of kserve's decoder,
+  readiness true only while TorchServe has a READY worker,
+- a body read timeout here, a header timeout and a per-client connection cap in
+  :mod:`serving.connguard`; error reasons and log lines never quote what a caller sent
+  (:mod:`serving.redact`).
 
     python -m serving.front --port 8080 --torchserve-url http://127.0.0.1:8085 \
         --management-url http://127.0.0.1:8081 --key-file .cache/serving-stack/key_file.json
@@ -24,10 +30,12 @@ API keys come from ``--api-keys-file`` (JSON ``{"caller": "key"}``) or ``CXR_API
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -37,7 +45,10 @@ from typing import Any
 
 import httpx
 
+from serving import connguard
 from serving.audit import AuditLog
+from serving.redact import install_redaction
+from serving.oip import OipError, encode_response, model_metadata, parse_infer
 from serving.schemas import (
     MAX_IMAGES_PER_REQUEST,
     MODEL_NAME,
@@ -51,10 +62,12 @@ from serving.torchserve_process import TorchServeKeys
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "CXR_API_KEYS"
+V2_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<verb>/infer|/ready)?/?$")
 AUDITED_HEADER = "x-cxr-audited"
 OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready", "/metrics")
 STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found",
-                405: "method_not_allowed", 413: "body_too_large", 415: "not_an_image", 422: "invalid_request",
+                405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 415: "not_an_image",
+                422: "invalid_request",
                 500: "internal_error", 501: "not_implemented", 502: "bad_gateway",
                 503: "model_server_unavailable", 504: "model_server_timeout"}
 
@@ -90,6 +103,9 @@ class FrontSettings:
     timeout_s: float = 120.0
     audit_log: Path | None = None
     open_paths: tuple[str, ...] = field(default=OPEN_PATHS)
+    body_timeout_s: float = 30.0  # whole body; a 48 MB upload needs > 1.6 MB/s
+    header_timeout_s: float = 10.0
+    max_connections_per_client: int = 32
 
 
 class FrontError(Exception):
@@ -114,6 +130,8 @@ def _model_class():
             self.settings = settings
             self.model_version = "unknown"
             self.classes: list[str] = []
+            self.image_size: int | None = None
+            self._workers: tuple[float, bool] = (0.0, False)
             self._client: httpx.AsyncClient | None = None
             self._keys: TorchServeKeys | None = None
             self._health: tuple[float, bool] = (0.0, False)
@@ -129,7 +147,11 @@ def _model_class():
                                          headers={"Authorization": f"Bearer {self._keys.management}"}, timeout=10)
                     description = response.json()[0]
                     self.model_version = str(description.get("modelVersion", "unknown"))
-                    self.classes = list(description.get("customizedMetadata", {}).get("classes", []))
+                    customized = description.get("customizedMetadata", {})
+                    if isinstance(customized, str):
+                        customized = json.loads(customized)
+                    self.classes = list(customized.get("classes", []))
+                    self.image_size = customized.get("image_size")
                 except (httpx.HTTPError, ValueError, KeyError, IndexError):
                     log.warning("could not describe %s on %s", self.name, self.settings.management_url)
             self.ready = True
@@ -147,6 +169,31 @@ def _model_class():
                 healthy = False
             self._health = (time.monotonic(), healthy)
             return healthy
+
+        async def worker_ready(self) -> bool:
+            """True only while TorchServe has at least one READY worker for the model (readiness probes).
+
+            TorchServe's own ``/ping`` stays healthy while its only worker restarts; the management
+            API's worker list does not.
+            """
+            checked_at, ready = self._workers
+            if time.monotonic() - checked_at < 0.5:
+                return ready
+            ready = False
+            if self.settings.management_url:
+                try:
+                    if self._keys is None:
+                        self._keys = TorchServeKeys.read(self.settings.key_file)
+                    response = await self.client.get(f"{self.settings.management_url}/models/{self.name}", timeout=5,
+                                                     headers={"Authorization": f"Bearer {self._keys.management}"})
+                    workers = response.json()[0].get("workers", []) if response.status_code == 200 else []
+                    ready = any(worker.get("status") == "READY" for worker in workers)
+                except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, OSError):
+                    ready = False
+            else:
+                ready = await self.healthy()
+            self._workers = (time.monotonic(), ready)
+            return ready
 
         @property
         def client(self) -> httpx.AsyncClient:
@@ -236,14 +283,15 @@ def _model_class():
             try:
                 answer = response.json()
             except ValueError:
-                answer = {"error": response.text[:500] or "empty answer from the model server"}
+                answer = None
             if response.status_code == 200 and isinstance(answer, dict):
                 return answer
             if isinstance(answer, dict) and "code" in answer and isinstance(answer.get("code"), str):
                 raise FrontError(response.status_code, answer, audited=True)  # the handler's own refusal
-            reason = answer.get("message") or answer.get("error") if isinstance(answer, dict) else str(answer)
+            # TorchServe's own refusals (Java front end): say what happened, never quote its text
             status = response.status_code if response.status_code in (413, 503, 504) else 502
-            raise FrontError(status, {"error": f"model server: {reason}", "code": STATUS_CODES.get(status, "bad_gateway")})
+            raise FrontError(status, {"error": f"the model server refused the request (HTTP {response.status_code})",
+                                      "code": STATUS_CODES.get(status, "bad_gateway")})
 
     return CxrScreenFront
 
@@ -251,9 +299,11 @@ def _model_class():
 class FrontGuard:
     """ASGI middleware: API keys, body limit, request ids, uniform error bodies, audit of refusals."""
 
-    def __init__(self, app, settings: FrontSettings, model_version=lambda: "unknown"):
+    def __init__(self, app, settings: FrontSettings, model_version=lambda: "unknown", model=None):
         self.app = app
         self.settings = settings
+        self.model = model
+        self._redacting = False
         self.audit = AuditLog(settings.audit_log) if settings.audit_log else AuditLog()
         self.model_version = model_version
         self._keys = [(caller, key.encode()) for caller, key in settings.api_keys.items()]
@@ -280,6 +330,12 @@ class FrontGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not self._redacting:  # after kserve and uvicorn configured their log handlers
+            install_redaction()
+            # kserve's per-request timing lines name unmatched routes by their raw path (caller text);
+            # the audit log has every request's latency
+            logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+            self._redacting = True
         started = time.perf_counter()
         request_headers = [(k.lower(), v) for k, v in scope.get("headers", [])]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request_headers}
@@ -295,6 +351,7 @@ class FrontGuard:
                           if not (headers.get("x-api-key") or headers.get("authorization")) else "the API key is not valid")
                 return await self._answer(send, 401, "unauthorized", reason, context,
                                           extra=[(b"www-authenticate", b'Bearer realm="cxr-screen"')])
+        body = b""
         if method in ("POST", "PUT", "PATCH"):
             declared = headers.get("content-length", "")
             limit = self.settings.max_body_bytes
@@ -302,9 +359,16 @@ class FrontGuard:
                 return await self._answer(send, 413, "body_too_large",
                                           f"the request body is {int(declared)} bytes; the limit is {limit}", context)
             chunks, size = [], 0
+            deadline = time.monotonic() + self.settings.body_timeout_s
             while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    return await self._answer(send, 408, "body_timeout", f"the request body did not arrive within "
+                                              f"{self.settings.body_timeout_s:g} s", context,
+                                              extra=[(b"connection", b"close")])
+                if message["type"] == "http.disconnect":  # the client gave up: still one audit line
+                    self._audit(400, "client_disconnected", context)
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
@@ -325,6 +389,10 @@ class FrontGuard:
                 return await client_receive()
 
             receive = replay
+
+        route = V2_ROUTE.match(path) if self.model is not None else None
+        if route is not None or path == "/v2/health/ready":
+            return await self._v2(route, method, headers, body if method == "POST" else b"", context, send)
 
         rewritten = [(k, v) for k, v in request_headers if k not in (b"x-request-id", b"x-caller-id")]
         rewritten.append((b"x-request-id", request_id.encode()))
@@ -355,6 +423,64 @@ class FrontGuard:
 
         return await self.app(scope, receive, guarded_send)
 
+    async def _v2(self, route, method: str, headers: dict[str, str], body: bytes, context: dict[str, Any],
+                  send) -> None:
+        """The Open Inference Protocol routes, answered here (see :mod:`serving.oip` for why)."""
+        model = self.model
+        if route is None:  # /v2/health/ready
+            if method not in ("GET", "HEAD"):
+                return await self._answer(send, 405, "method_not_allowed", "use GET", context)
+            ready = await model.worker_ready()
+            return await self._send_json(send, 200 if ready else 503, {"ready": ready}, context)
+        name, version, verb = route.group("name"), route.group("version"), route.group("verb") or ""
+        if name != self.settings.model_name:
+            return await self._answer(send, 404, "not_found", "no such model; this server serves "
+                                      f"{self.settings.model_name}", context)
+        if version is not None and version != model.model_version:
+            return await self._answer(send, 404, "not_found", f"no such model version; the served version is "
+                                      f"{model.model_version}", context)
+        allowed = ("POST",) if verb == "/infer" else ("GET", "HEAD")
+        if method not in allowed:
+            return await self._answer(send, 405, "method_not_allowed", f"use {' or '.join(allowed)} on this route",
+                                      context, extra=[(b"allow", ", ".join(allowed).encode())])
+        if verb == "/ready":
+            ready = await model.worker_ready()
+            return await self._send_json(send, 200 if ready else 503, {"name": name, "ready": ready}, context)
+        if verb == "":
+            return await self._send_json(send, 200, model_metadata(name, model.model_version, model.classes,
+                                                                   model.image_size), context)
+        try:
+            request = parse_infer(body, headers)
+        except OipError as error:
+            return await self._answer(send, error.status, error.code, error.reason, context)
+        forward_headers = {"x-request-id": context["request_id"]}
+        if context["caller"]:
+            forward_headers["x-caller-id"] = context["caller"]
+        try:
+            answer = await model._forward(f"/v2/models/{name}/infer", request.forward_body(), forward_headers)
+            content, extra = encode_response(answer, request, name, model.model_version)
+        except FrontError as error:
+            if not error.audited:
+                self._audit(error.status, str(error.body.get("code")), context)
+            payload = {**error.body, "request_id": error.body.get("request_id") or context["request_id"]}
+            return await self._send_json(send, error.status, payload, context)
+        except (ValueError, KeyError, TypeError):
+            log.error("v2 answer of the model server could not be encoded (%s)", context["request_id"])
+            return await self._answer(send, 502, "bad_gateway", "the model server's answer could not be encoded",
+                                      context)
+        headers_out = [(b"content-length", str(len(content)).encode()),
+                       (b"x-request-id", context["request_id"].encode())]
+        headers_out += [(k.encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+        await send({"type": "http.response.body", "body": content, "more_body": False})
+
+    async def _send_json(self, send, status: int, payload: dict[str, Any], context: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"x-request-id", context["request_id"].encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def _finish_error(self, send, held: dict[str, Any], context: dict[str, Any]) -> None:
         """Rewrite an error answer to {"error", "code"} and audit it unless the handler already did."""
         status = held["status"]
@@ -363,15 +489,17 @@ class FrontGuard:
         headers = [(k, v) for k, v in headers if k.lower() != AUDITED_HEADER.encode()]
         try:
             payload = json.loads(held["body"] or b"{}")
-        except ValueError:
-            payload = {"error": held["body"].decode("utf-8", "replace")[:500]}
+        except (ValueError, RecursionError):
+            payload = {}
         if not isinstance(payload, dict):
-            payload = {"error": str(payload)}
+            payload = {}
         if status == 422 and "detail" in payload:  # FastAPI request validation: a malformed request is a 400
             status = 400
         if "code" not in payload or not isinstance(payload.get("code"), str):
-            payload = {"error": _reason(payload), "code": STATUS_CODES.get(status, "invalid_request"),
+            payload = {"error": _reason(payload, status), "code": STATUS_CODES.get(status, "invalid_request"),
                        "request_id": context["request_id"]}
+        else:
+            payload.setdefault("request_id", context["request_id"])
         if not audited:
             self._audit(status, payload["code"], context)
         body = json.dumps(payload).encode()
@@ -396,17 +524,29 @@ class FrontGuard:
                          protocol=context["protocol"], status=status, code=code, stage="front")
 
 
-def _reason(payload: dict[str, Any]) -> str:
+FIXED_REASONS = {400: "the request is not valid for this route", 404: "no such route or model",
+                 405: "this method is not allowed on this route", 413: "the request is too large",
+                 415: "unsupported content type", 500: "the server failed on this request; the failure is logged",
+                 501: "not implemented", 503: "the model is not ready"}
+
+
+def _reason(payload: dict[str, Any], status: int) -> str:
+    """A reason for a library's own error body, built from its structure, never from its text (which
+    can quote the request, as kserve's decode errors do)."""
     detail = payload.get("detail")
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         first = detail[0]
         if first.get("type") == "json_invalid":
-            return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
-        location = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        return f"{location}: {first.get('msg', 'invalid request')}"
-    if detail:
-        return str(detail)
-    return str(payload.get("error") or payload.get("message") or "the request was refused")
+            return "the request body is not valid JSON"
+        location = ".".join(str(part) if isinstance(part, int) or str(part) in SAFE_FIELDS else "*"
+                            for part in first.get("loc", ()) if part != "body") or "body"
+        kind = str(first.get("type", "invalid"))
+        return f"{location}: invalid value ({kind if kind.replace('_', '').isalnum() else 'invalid'})"
+    return FIXED_REASONS.get(status, f"the request was refused (HTTP {status})")
+
+
+SAFE_FIELDS = frozenset({"instances", "data", "b64", "explain", "explain_method", "inputs", "outputs", "name", "shape",
+                         "datatype", "parameters", "id", "query", "path", "header"})
 
 
 def build_server(settings: FrontSettings, port: int):
@@ -423,7 +563,15 @@ def build_server(settings: FrontSettings, port: int):
         return JSONResponse(status_code=exc.status, content=exc.body, headers=headers)
 
     app.add_exception_handler(FrontError, front_error_handler)
-    app.add_middleware(FrontGuard, settings=settings, model_version=lambda: model.model_version)
+    refusals = AuditLog(settings.audit_log) if settings.audit_log else AuditLog()
+
+    def audit_connection_refusal(status: int, code: str) -> None:
+        refusals.error(request_id=str(uuid.uuid4()), model_name=settings.model_name, model_version=model.model_version,
+                       caller_id=None, latency_ms=0.0, protocol="other", status=status, code=code, stage="front")
+
+    connguard.ON_REFUSAL[:] = [audit_connection_refusal]
+    connguard.install(connguard.ConnectionLimits(settings.header_timeout_s, settings.max_connections_per_client))
+    app.add_middleware(FrontGuard, settings=settings, model_version=lambda: model.model_version, model=model)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False,
                                 enable_latency_logging=False)
     return server, model
@@ -440,6 +588,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-mb", type=float, default=48.0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--audit-log", type=Path, default=None, help="default $CXR_AUDIT_LOG or logs/audit.jsonl")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0, help="time to receive a whole request body")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0, help="time to receive the request headers")
+    parser.add_argument("--max-connections-per-client", type=int, default=32)
     args = parser.parse_args(argv)
     api_keys = load_api_keys(args.api_keys_file)
     if not api_keys:
@@ -447,9 +598,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = FrontSettings(torchserve_url=args.torchserve_url.rstrip("/"), key_file=args.key_file,
                              api_keys=api_keys, management_url=(args.management_url or "").rstrip("/") or None,
                              model_name=args.model_name, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                             timeout_s=args.timeout_s, audit_log=args.audit_log)
+                             timeout_s=args.timeout_s, audit_log=args.audit_log, body_timeout_s=args.body_timeout_s,
+                             header_timeout_s=args.header_timeout_s,
+                             max_connections_per_client=args.max_connections_per_client)
     sys.argv = sys.argv[:1]  # kserve parses sys.argv at import: keep our flags away from it
     server, model = build_server(settings, args.port)
+    install_redaction()
     server.start([model])
 
 

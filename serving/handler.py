@@ -46,6 +46,8 @@ from serving.envelopes import (  # noqa: E402
     ranked_thresholds,
     response_body,
 )
+from serving.redact import install_redaction  # noqa: E402
+from serving.schemas import PIXEL_BUDGET_ENV, PIXEL_BUDGET_MP  # noqa: E402
 from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, http_status  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,16 @@ class CxrScreenHandler(BaseHandler):
             torch.set_num_threads(int(threads))
         model_dir = Path(context.system_properties["model_dir"])
         self.predictor = load_bundle(model_dir / BUNDLE_DIR)
+        budget = float(os.environ.get(PIXEL_BUDGET_ENV) or PIXEL_BUDGET_MP)
+        preprocess = self.predictor.manifest.preprocess  # the budget changes refusals, never pixels
+        self.predictor.manifest.preprocess = preprocess.model_copy(
+            update={"max_megapixels": min(preprocess.max_megapixels, budget)})
         manifest = (context.manifest or {}).get("model", {})
         self.model_name = manifest.get("modelName") or MODEL_NAME
         self.model_version = str(manifest.get("modelVersion") or "unknown")
         self.thresholds = ranked_thresholds(self.predictor.manifest.policy)
         self.audit = AuditLog()
+        install_redaction()
         if self.predictor.torch_model is not None:
             import pytorch_grad_cam  # noqa: F401  # slow first import: pay it at load, not on a request
         self.initialized = True
@@ -177,8 +184,9 @@ class CxrScreenHandler(BaseHandler):
             outcome = per_request.get(position, [])
             failures = [(item, result) for item, result in enumerate(outcome) if isinstance(result, Exception)]
             explanations: list[ExplanationOut | None] = [None] * len(outcome)
+            notes: list[str] = []
             if not failures and request.explain:
-                explanations, failures = self._explain(request, outcome)
+                explanations, failures, notes = self._explain(request, outcome)
             if failures:
                 answers.append(self._refuse(context, position, info, request.protocol, failures, started,
                                             n_items=len(request.images)))
@@ -187,7 +195,7 @@ class CxrScreenHandler(BaseHandler):
             responses = [prediction_response(prediction, request_id=info["request_id"], item=item,
                                              model_name=self.model_name, model_version=self.model_version,
                                              latency_ms=latency_ms, explanation=explanations[item],
-                                             thresholds=self.thresholds)
+                                             thresholds=self.thresholds, notes=notes)
                          for item, prediction in enumerate(outcome)]
             answers.append(json.dumps(response_body(request, responses, request_id=info["request_id"],
                                                     model_name=self.model_name, model_version=self.model_version,
@@ -217,27 +225,35 @@ class CxrScreenHandler(BaseHandler):
         return results
 
     def _explain(self, request: ParsedRequest, predictions: list[Prediction]
-                 ) -> tuple[list[ExplanationOut | None], list[tuple[int, Exception]]]:
+                 ) -> tuple[list[ExplanationOut | None], list[tuple[int, Exception]], list[str]]:
+        """Explanations of the gradable images; a model without explanations still answers, with a note."""
         try:
             require_explainable(self.predictor)
-        except ExplanationUnavailableError as error:
-            return [None] * len(predictions), [(0, error)]
+        except ExplanationUnavailableError:
+            return [None] * len(predictions), [], [
+                f"no explanation: the {self.predictor.manifest.model.name} model has no feature maps to explain "
+                "(HOG + scikit-learn); the prediction is given without one"]
         explanations: list[ExplanationOut | None] = []
+        notes: list[str] = []
         for item, (image, prediction) in enumerate(zip(request.images, predictions)):
+            if not prediction.gradable:
+                explanations.append(None)
+                notes = ["no explanation for an ungradable image"]
+                continue
             try:
                 prepared = prepare_image(image, self.predictor.manifest.preprocess)
                 explanation = explain_prepared(self.predictor, image, prepared, prediction, request.explain_method)
             except Exception:
                 log.exception("cxr-screen: explanation failed")
                 return [None] * len(predictions), [(item, RequestError(
-                    "internal_error", "the explanation failed on this image; the failure is logged"))]
+                    "internal_error", "the explanation failed on this image; the failure is logged"))], []
             shares = explanation.shares
             explanations.append(ExplanationOut(
                 method=explanation.method, target_class=explanation.target_class, width=explanation.width,
                 height=explanation.height, overlay_png_base64=explanation.overlay_png_base64,
                 lung_zones=shares.zones, outside_chest=shares.outside_chest,
                 shortcut_warning=shares.shortcut_warning, empty_heatmap=shares.empty_heatmap))
-        return explanations, []
+        return explanations, [], notes
 
     def _refuse(self, context, position: int, info: dict[str, Any], protocol: str,
                 failures: list[tuple[int, Exception]], started: float, n_items: int | None = None) -> str:

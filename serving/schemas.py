@@ -4,7 +4,8 @@ One place that says what a caller may send and what they get back, shared by the
 handler (which validates every request, whatever route it came by), the KServe front, the triage
 CLI and the tests.
 
-Requests (images always travel as base64 inside JSON, raw bytes only on the native route):
+Requests (images travel as base64 inside JSON; raw bytes on the native route and in the v2 binary
+tensor extension, which the KServe front decodes itself, see :mod:`serving.oip`):
 
 - native TorchServe ``/predictions/cxr-screen``: the image bytes as the body (or a multipart
   ``data`` field); answered with one :class:`PredictionResponse`.
@@ -28,10 +29,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from cxr_core.errors import InputError
+from cxr_core.gate import GateVerdict
 from cxr_core.preprocess import QualityFlags
 
 MODEL_NAME = "cxr-screen"
 MAX_IMAGES_PER_REQUEST = 16
+# Serving's pixel budget, checked on the header before any pixel is decoded. The largest flat-panel
+# chest detectors are 43 x 43 cm at 100 um (4300 x 4300 = 18.5 MP); CR plates and 139-150 um panels
+# are smaller. 20 MP takes every real radiograph and refuses a 59 MP "PNG bomb" at once.
+# Override with CXR_MAX_MEGAPIXELS; the bundle's own (training) limit applies when lower.
+PIXEL_BUDGET_MP = 20.0
+PIXEL_BUDGET_ENV = "CXR_MAX_MEGAPIXELS"
 V2_RESULT_OUTPUT = "result"
 V2_PROBABILITIES_OUTPUT = "probabilities"
 V2_LABEL_OUTPUT = "label"
@@ -57,6 +65,10 @@ HTTP_STATUS: dict[str, int] = {
     "too_many_images": 413,
     "body_too_large": 413,
     "explanations_unavailable": 422,
+    "unknown_input": 400,
+    "unknown_output": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
     "unknown_method": 400,
     # the caller
     "unauthorized": 401,
@@ -169,14 +181,18 @@ class PredictionResponse(BaseModel):
     model_name: str
     model_version: str
     classes: list[str]
-    probabilities_raw: dict[str, float] = Field(description="softmax of the logits")
-    probabilities: dict[str, float] = Field(description="temperature-calibrated; what the policy uses")
+    probabilities_raw: dict[str, float] = Field(description="softmax of the logits; empty when ungradable")
+    probabilities: dict[str, float] = Field(description="temperature-calibrated; what the policy uses; empty when "
+                                                        "the gate found the image ungradable (no finding to present)")
     decision: DecisionOut
     thresholds: dict[str, float] = Field(
         {}, description="the policy's fitted thresholds of the ranked classes, in priority order")
     quality: QualityFlags
     latency_ms: float = Field(description="time in the model server's handler for this request's batch")
     explanation: ExplanationOut | None = None
+    gate: GateVerdict | None = Field(None, description="the gradability gate: ungradable images get decision "
+                                                       "'ungradable', triage 'review' and its reason")
+    notes: list[str] = Field([], description="what the server could not do for this request, e.g. an explanation")
 
 
 class V1Response(BaseModel):

@@ -92,7 +92,10 @@ def start_front(torchserve: TorchServe, port: int, state_dir: Path, keys_file: P
     command = [sys.executable, "-m", "serving.front", "--port", str(port), "--torchserve-url", torchserve.inference_url,
                "--management-url", torchserve.management_url, "--key-file", str(torchserve.key_file),
                "--model-name", torchserve.model_name, "--max-body-mb", str(config.front.max_body_mb),
-               "--timeout-s", str(config.front.request_timeout_s), "--audit-log", str(audit_log)]
+               "--timeout-s", str(config.front.request_timeout_s), "--audit-log", str(audit_log),
+               "--body-timeout-s", str(config.front.body_timeout_s), "--header-timeout-s",
+               str(config.front.header_timeout_s), "--max-connections-per-client",
+               str(config.front.max_connections_per_client)]
     if keys_file:
         command += ["--api-keys-file", str(keys_file)]
     with open(state_dir / "front.out", "ab") as output:

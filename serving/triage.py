@@ -39,6 +39,8 @@ class TriageRow:
         if self.answer is None:
             return 0.0
         probabilities = self.answer.probabilities
+        if not probabilities:  # ungradable: no finding to rank by
+            return 0.0
         return max((probabilities[c] for c in ranked if c in probabilities), default=max(probabilities.values()))
 
 
@@ -132,7 +134,11 @@ def write_worklist(rows: list[TriageRow], ranked: list[str], out: Path) -> None:
                 record.update(status="failed", triage="", error_code=row.error_code, error=row.error)
             else:
                 answer, decision, quality = row.answer, row.answer.decision, row.answer.quality
-                record.update(status="ok", triage=decision.triage, decision=decision.label,
+                gate = answer.gate
+                if gate is not None and not gate.gradable:  # human review, with the gate's reason
+                    record.update(error_code=f"ungradable:{gate.code}", error=gate.reason or "")
+                record.update(status="ok" if answer.probabilities else "ungradable", triage=decision.triage,
+                              decision=decision.label,
                               fired_class=decision.fired_class or "", threshold=decision.threshold or "",
                               risk=round(row.risk(ranked), 6), gray_zone=",".join(decision.gray_zone),
                               underexposed=quality.underexposed, overexposed=quality.overexposed,

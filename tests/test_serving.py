@@ -15,6 +15,7 @@ import struct
 import threading
 import uuid
 import zlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class Stack:
     audit_log: Path
     version: str
     package: Path
+    root: Path | None = None
+    bundle: Path | None = None
     sent: list[str] = field(default_factory=list)  # every request id we sent, for the audit test
     lock: threading.Lock = field(default_factory=threading.Lock)
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16)))
@@ -85,28 +88,34 @@ def offline(tiny_bundle):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    package = build_package(tiny_bundle, root / "model-package", version="3",
+@contextmanager
+def serving_stack(bundle: Path, root: Path, front: dict | None = None):
+    """TorchServe (batch 4, one worker) + the KServe front on free ports; always stopped."""
+    package = build_package(bundle, root / "model-package", version="3",
                             config=PackageConfig(workers=1, batch_size=4, max_batch_delay_ms=300))
     audit_log = root / "audit.jsonl"
     keys_file = root / "api_keys.json"
     keys_file.write_text(json.dumps({CALLER: API_KEY}))
-    config = ServingConfig.model_validate({"front": {"max_body_mb": 2}})
+    config = ServingConfig.model_validate({"front": {"max_body_mb": 2, **(front or {})}})
     torchserve = TorchServe(package.root, root / "state", audit_log=audit_log, torch_threads=1)
-    front = None
+    process = None
     try:
         torchserve.start()
         port = free_port()
-        front = start_front(torchserve, port, root / "state", keys_file, config, audit_log)
-        served = Stack(torchserve, f"http://127.0.0.1:{port}", audit_log, package.version, package.root)
+        process = start_front(torchserve, port, root / "state", keys_file, config, audit_log)
+        served = Stack(torchserve, f"http://127.0.0.1:{port}", audit_log, package.version, package.root, root, bundle)
         yield served
         served.http.close()
     finally:
-        if front is not None:
-            stop_process_group(front.pid)
+        if process is not None:
+            stop_process_group(process.pid)
         torchserve.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_bundle, tmp_path_factory):
+    with serving_stack(tiny_bundle, tmp_path_factory.mktemp("serving")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -294,14 +303,15 @@ def test_bad_input_gets_4xx_and_never_kills_the_worker(stack, images):
                            "body_too_large"),
         "bad base64": (lambda: stack.front(v1, json_body={"instances": [{"data": "not*base64!"}]}), 400, "bad_base64"),
         "missing field v1": (lambda: stack.front(v1, json_body={"images": [b64(jpeg)]}), 400, "missing_field"),
-        "missing field v2": (lambda: stack.front(v2, json_body={"inputs": [{"name": "image", "datatype": "BYTES"}]}),
-                             400, "invalid_request"),
+        "missing field v2": (lambda: stack.front(v2, json_body={"inputs": [{"name": "image", "datatype": "BYTES",
+                                                                            "shape": [1]}]}),
+                             400, "missing_field"),
         "wrong datatype": (lambda: stack.front(v2, json_body={"inputs": [{**tensor, "datatype": "FP32"}]}), 400,
                            "wrong_datatype"),
         "wrong shape": (lambda: stack.front(v2, json_body={"inputs": [{**tensor, "shape": [3, 224, 224]}]}), 400,
                         "wrong_shape"),
         "malformed json v1": (lambda: stack.front(v1, content=b'{"instances": [{"data": '), 400, "invalid_request"),
-        "malformed json v2": (lambda: stack.front(v2, content=b'{"inputs": [}'), 400, "invalid_request"),
+        "malformed json v2": (lambda: stack.front(v2, content=b'{"inputs": [}'), 400, "malformed_json"),
         "malformed json native": (lambda: stack.torchserve_post(f"/predictions/{MODEL_NAME}", content=b'{"data": '),
                                   400, "malformed_json"),
         "too many images": (lambda: stack.front(v1, json_body=v1_request([b"x"] * 17)), 413, "too_many_images"),

@@ -172,6 +172,7 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
         bundle_dir = save_bundle(out_dir / "bundle", manifest,
                                  torch_model=model if manifest.model.kind == "torch" else None,
                                  sklearn_model=model if manifest.model.kind != "torch" else None)
+        fit_bundle_gate(bundle_dir, splits)
         (out_dir / "summary.json").write_text(json.dumps(
             {"family": config.family, **summary_metrics, "thresholds": policy.thresholds,
              "policy_warnings": policy.warnings}, indent=1, default=float) + "\n")
@@ -195,6 +196,16 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
     finally:
         if run_context is not None:
             run_context.__exit__(*sys.exc_info())
+
+
+def fit_bundle_gate(bundle_dir: Path, splits: dict) -> None:
+    """The gradability gate (cxr_core.gate), fitted on this run's train/val images, into the bundle."""
+    from cxr_core.gate import attach_gate, fit_gate
+
+    gate = fit_gate(load_bundle(bundle_dir, gate=False), splits["train"].pixels, splits["val"].pixels,
+                    extra_splits={"test": splits["test"].pixels})
+    attach_gate(bundle_dir, gate)
+    log.info("gate: refusal rates %s", gate.config.refusal_rates)
 
 
 def _headline(evaluation: dict) -> dict:

@@ -1,0 +1,83 @@
+"""The gradability gate: fitted when a bundle is written, stored in it, applied by the Predictor.
+
+Real bundles (the small HOG one and the tiny cnn3, both trained by the fixtures, so both families),
+real radiographs, synthetic garbage and scikit-image's natural photographs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_core.bundle import UNGRADABLE, load_bundle
+from cxr_core.gate import GATE_ARRAYS, main as gate_main
+from cxr_core.errors import TruncatedImageError
+from serving.gate_report import garbage_kinds, incomplete_png, measure
+
+
+@pytest.fixture(scope="module")
+def grays(data_dir):
+    paths = sorted((data_dir / "test").glob("*/*.jpg"))[::97][:6]
+    return [np.asarray(Image.open(path).convert("L")) for path in paths]
+
+
+@pytest.fixture(scope="module")
+def real_test(data_dir):
+    return [path.read_bytes() for path in sorted((data_dir / "test").glob("*/*.jpg"))[::6]]
+
+
+RULE_KINDS = {"all_black": "blank", "all_white": "blank", "uniform_gray": "blank", "transparent": "blank",
+              "large_black": "blank", "uniform_noise": "noise", "gaussian_noise": "noise", "rgb_noise": "noise",
+              "salt_and_pepper": "noise", "strip_wide": "aspect_ratio", "strip_tall": "aspect_ratio"}
+
+
+@pytest.mark.parametrize("bundle_fixture", ["monitoring_bundle", "tiny_bundle"])
+def test_gate_is_fitted_stored_and_applied(bundle_fixture, request, grays, real_test):
+    bundle = request.getfixturevalue(bundle_fixture)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["gate"]["ood_threshold"] > 0 and (bundle / GATE_ARRAYS).exists()
+    assert manifest["gate"]["refusal_rates"]["val"] <= 0.011 + 1.0 / manifest["gate"]["n_fit"]
+    predictor = load_bundle(bundle)
+    assert predictor.gate is not None
+    report = measure(predictor, real_test, garbage_kinds(grays))
+    assert report["real_test"]["refusal_rate"] <= 0.05, report["real_test"]  # small bundles, small val splits
+    for kind, code in RULE_KINDS.items():  # image statistics: whatever the model
+        codes = report["garbage"][kind]["codes"]
+        # noise shrunk to a 64 px model input averages out to a flat image: blank is also right
+        allowed = {f"ungradable:{code}"} | ({"ungradable:blank"} if code == "noise" else set())
+        assert set(codes) <= allowed and sum(codes.values()) == report["garbage"][kind]["n"], (kind, codes)
+    for kind in ("truncated_png", "truncated_jpeg", "cut_png"):
+        assert report["garbage"][kind]["codes"] == {"truncated": report["garbage"][kind]["n"]}, kind
+    assert report["garbage"]["natural_photo"]["refusal_rate"] >= 0.75
+    # an ungradable image gets no diagnosis: decision ungradable, triage review, the gate's reason
+    answer = predictor.predict_many(garbage_kinds(grays)["all_black"][:1])[0]
+    assert answer.decision.label == UNGRADABLE and answer.decision.triage == "review"
+    assert answer.gate.code == "blank" and "blank" in answer.gate.reason and not answer.gradable
+    # the gate does not change what a gradable image gets
+    ungated = load_bundle(bundle, gate=False)
+    for data in real_test[:10]:
+        gated, plain = predictor.predict_bytes(data), ungated.predict_bytes(data)
+        if gated.gradable:
+            assert gated.decision == plain.decision and gated.probabilities == plain.probabilities
+
+
+def test_incomplete_png_and_jpeg_are_truncated_not_padded(grays):
+    from cxr_core.decode import decode_grayscale
+
+    with pytest.raises(TruncatedImageError):
+        decode_grayscale(incomplete_png(grays[0], 0.4), 20)
+    assert decode_grayscale(incomplete_png(grays[0], 1.0), 20).height == grays[0].shape[0]  # complete: fine
+
+
+def test_gate_refit_command(monitoring_bundle, data_dir, tmp_path, capsys):
+    bundle = shutil.copytree(monitoring_bundle, tmp_path / "bundle")
+    before = json.loads((bundle / "bundle.json").read_text())["gate"]
+    gate_main(["fit", "--bundle", str(bundle), "--data-dir", str(data_dir), "--limit", "30"])
+    after = json.loads((bundle / "bundle.json").read_text())["gate"]
+    assert after["n_fit"] == 90 != before["n_fit"] and set(after["refusal_rates"]) == {"val", "test"}
+    assert json.loads(capsys.readouterr().out)["ood_threshold"] == after["ood_threshold"]
+    assert load_bundle(bundle).gate.config.n_fit == 90
