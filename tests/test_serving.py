@@ -386,10 +386,22 @@ def test_triage_and_latency_through_the_endpoint(stack, offline, images, data_di
     for stats in report["protocols"].values():
         assert stats["n"] == 2 and 0 < stats["p50_ms"] <= stats["p95_ms"]
     assert report["model"]["batchSize"] == 4
+    triage_lines = [r for r in read_audit_log(stack.audit_log) if r["request_id"].startswith("triage-")]
+    assert len(triage_lines) == 5  # 4 images + the text file, one line each
 
 
-def test_audit_log_has_one_valid_line_per_request(stack):
-    """Runs last: every request of this module (good or refused, front or TorchServe) left one line."""
+def test_audit_log_has_one_valid_line_per_request(stack, images):
+    """Every request of this module (good or refused, front or TorchServe) left one line.
+
+    It sends its own traffic first (good and refused, single and multi-image, the DICOM with patient
+    tags, TorchServe direct), so it holds alone as well as after the other tests of the module.
+    """
+    assert stack.front(f"/v1/models/{MODEL_NAME}:predict", json_body=v1_request([images["dicom"]])).status_code == 200
+    assert stack.front(f"/v2/models/{MODEL_NAME}/infer",
+                       json_body=v2_request([images["normal"], images["pneumonia"]])).status_code == 200
+    assert stack.front(f"/v1/models/{MODEL_NAME}:predict",
+                       json_body=v1_request([b"%PDF-1.4 hello"])).status_code == 415
+    assert stack.torchserve_post(f"/predictions/{MODEL_NAME}", content=images["tuberculosis"]).status_code == 200
     records = read_audit_log(stack.audit_log)  # validates every line
     by_id: dict[str, list[dict]] = {}
     for record in records:
@@ -398,7 +410,6 @@ def test_audit_log_has_one_valid_line_per_request(stack):
         assert request_id in by_id, request_id
     clients = {request_id for request_id in by_id if request_id.startswith(("triage-", "latency-"))}
     assert set(by_id) == set(stack.sent) | clients
-    assert len([r for r in clients if r.startswith("triage-")]) == 5  # 4 images + the text file, one line each
     for request_id, lines in by_id.items():
         items = sorted(line.get("item") or 0 for line in lines)
         assert items == list(range(len(lines))), lines  # one line, or one per image of a multi-image request
