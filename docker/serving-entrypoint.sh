@@ -5,7 +5,8 @@
 # (`python -m serving.front`) reads it and forwards to TorchServe on 127.0.0.1:$CXR_TORCHSERVE_PORT.
 # Environment:
 #   CXR_FRONT_HTTP_PORT (8080)  the front's port: what KServe routes to
-#   CXR_TORCHSERVE_PORT (8085)  TorchServe's inference/management port (config.properties)
+#   CXR_TORCHSERVE_PORT (8085)  TorchServe's inference port (config.properties)
+#   CXR_TORCHSERVE_MANAGEMENT_PORT (8081)  its management port, on 127.0.0.1 (worker state for readiness)
 #   CXR_API_KEYS                caller:key[,caller:key] the front accepts (required by the front)
 #   CXR_MODEL_NAME (cxr-screen) CXR_AUDIT_LOG_DIR (one <hostname>.jsonl per pod there)
 #   CXR_FRONT_ARGS              more front flags, e.g. "--max-body-mb 32 --timeout-s 60"
@@ -38,7 +39,7 @@ torchserve_url="http://127.0.0.1:${CXR_TORCHSERVE_PORT:-8085}"
 front_args=(
   --port "${CXR_FRONT_HTTP_PORT:-8080}"
   --torchserve-url "$torchserve_url"
-  --management-url "$torchserve_url"
+  --management-url "http://127.0.0.1:${CXR_TORCHSERVE_MANAGEMENT_PORT:-8081}"
   --key-file "$workdir/key_file.json"
   --model-name "${CXR_MODEL_NAME:-cxr-screen}"
 )

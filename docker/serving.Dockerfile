@@ -49,7 +49,7 @@ RUN chmod 0755 /usr/local/bin/cxr-serving-entrypoint /usr/local/bin/cxr-healthch
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 HOME=/home/model-server \
     CXR_SERVING_WORKDIR=/home/model-server \
-    CXR_TORCHSERVE_PORT=8085 CXR_FRONT_HTTP_PORT=8080
+    CXR_TORCHSERVE_PORT=8085 CXR_TORCHSERVE_MANAGEMENT_PORT=8081 CXR_FRONT_HTTP_PORT=8080
 USER 1000:1000
 WORKDIR /home/model-server
 # 8080: the KServe front (what KServe routes to); 8085: TorchServe inference/management;

@@ -94,7 +94,9 @@ def config_properties(config: PackageConfig, version: str, model_store: str = KS
         "# Every key can be overridden by a TS_<KEY> environment variable (enable_envvars_config).",
         "# No service_envelope: the handler reads KServe v1/v2 envelopes per request of a batch.",
         "inference_address=http://0.0.0.0:8085",
-        "management_address=http://0.0.0.0:8085",
+        # loopback only, on its own port: the front (same pod) is its only client; on 8085 next to
+        # inference TorchServe binds inference alone and the front could never see a READY worker
+        "management_address=http://127.0.0.1:8081",
         "metrics_address=http://0.0.0.0:8082",
         "grpc_inference_port=7070",
         "grpc_management_port=7071",

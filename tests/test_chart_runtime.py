@@ -125,10 +125,11 @@ def predictor(chart, claims, tiny_bundle, tmp_path_factory):
     files = PodFiles.of(root, claims, container, volumes, extra={
         MODEL_MOUNT: package.root, "/app": REPO_ROOT, "/opt/venv": Path(sys.prefix)})
     dockerfile = REPO_ROOT / "docker" / "serving.Dockerfile"
-    ts_port, metrics_port, front_port = free_port(), free_port(), free_port()
+    ts_port, metrics_port, front_port, management_port = free_port(), free_port(), free_port(), free_port()
     ports = {"CXR_TORCHSERVE_PORT": str(ts_port), "CXR_FRONT_HTTP_PORT": str(front_port),
+             "CXR_TORCHSERVE_MANAGEMENT_PORT": str(management_port),
              "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ts_port}",
-             "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ts_port}",
+             "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management_port}",
              "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}",
              "TS_GRPC_INFERENCE_PORT": str(free_port()), "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
              "TS_DISABLE_SYSTEM_METRICS": "true"}
