@@ -170,6 +170,7 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
     from training import registry
     from training.config import TrainConfig
     from training.train import run_training
+    from cxr_core.audit import read_audit_records
     from cxr_core.reference import write_reference_profile
 
     started = time.perf_counter()
@@ -200,7 +201,6 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
         # 2. real test images through v1 and v2
         same = served.stream(test_items, "same")
         steps["2_served"] = {k: same[k] for k in ("n", "versions", "protocols")}
-        steps["2_served"]["version_served"] = served.served_version(probe)
         say(f"2. served {same['n']} test images ({same['protocols']}) -> answers name version(s) {same['versions']}")
 
         # 3. radiologist labels through the feedback command
@@ -220,8 +220,9 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
         ok = run_drift(served.audit_log, reference_uri, work / "drift" / "same", config=drift_config,
                        window=WindowSpec(last_n=same["n"]), feedback_db=db, model_version=champion)
         steps["4_drift_same"] = drift_numbers(ok)
-        say(f"4. drift on the served stream: {ok['decision']} (max key PSI {steps['4_drift_same']['max_key_psi']} "
-            f"< {drift_config.thresholds.psi}; ECE {steps['4_drift_same']['ece_current']})")
+        say(f"4. drift on the served stream: {ok['decision']} (max key PSI {steps['4_drift_same']['max_key_psi']}, "
+            f"threshold {drift_config.thresholds.psi}; {steps['4_drift_same']['labelled']} labelled, ECE decides from "
+            f"{drift_config.thresholds.min_labelled})")
 
         # 5. a darkened stream: retrain, with the reason
         shifted = served.stream([(darken(image), label) for image, label in test_items], "dark")
@@ -255,16 +256,18 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
         # 8. the running server picks it up through the management API
         management = {"management_url": served.torchserve.management_url, "key_file": served.torchserve.key_file,
                       "model_store": served.torchserve.package / "model-store"}
+        served_before = served.served_version(probe)  # after the drift windows: probes are not traffic
         before = served.torchserve.worker_pids()
         swapped = rollout(uri, **management)
-        steps["8_rollout"] = {"served_before": steps["2_served"]["version_served"],
+        steps["8_rollout"] = {"served_before": served_before,
                               "served_after": served.served_version(probe),
                               "registered": swapped.registered, "unregistered": swapped.unregistered,
                               "previous_default": swapped.previous_default, "seconds": swapped.seconds,
                               "torchserve_pid": served.torchserve.process.pid,
+                              "torchserve_running": served.torchserve.process.poll() is None,
                               "worker_pids_before": before, "worker_pids_after": served.torchserve.worker_pids()}
         say(f"8. rollout ({swapped.seconds} s, no restart: TorchServe pid {served.torchserve.process.pid}): "
-            f"served {steps['8_rollout']['served_before']['v1']} -> {steps['8_rollout']['served_after']}")
+            f"served {served_before} -> {steps['8_rollout']['served_after']}")
 
         # 9. rollback
         rolled = registry.rollback()
@@ -273,6 +276,11 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
                                "registered": back.registered, "unregistered": back.unregistered,
                                "seconds": back.seconds}
         say(f"9. rollback: champion -> {rolled['champion']}; served {steps['9_rollback']['served_after']}")
+        versions = {}
+        for record in read_audit_records(served.audit_log):
+            versions[record.model_version] = versions.get(record.model_version, 0) + 1
+        steps["audit_log"] = {"records": sum(versions.values()), "by_model_version": versions}
+        say(f"   audit log: {steps['audit_log']['records']} records, by model version {versions}")
     finally:
         served.close()
     steps["seconds"] = round(time.perf_counter() - started, 1)
