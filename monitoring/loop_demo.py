@@ -79,6 +79,7 @@ class Served:
         self.torchserve, self.front, self.front_url = torchserve, front, front_url
         self.api_key, self.audit_log = api_key, audit_log
         self.http = httpx.Client(timeout=120)
+        self.last_payload: dict[str, Any] = {}
 
     def predict(self, image: bytes, protocol: str, request_id: str):
         """One image through the front over v1 or v2; the parsed answer."""
@@ -91,7 +92,9 @@ class Served:
                                   headers={"X-API-Key": self.api_key, "X-Request-Id": request_id})
         if response.status_code != 200:
             raise RuntimeError(f"{protocol} {request_id}: {response.status_code} {response.text[:300]}")
-        (answer,) = read_answers(protocol, response.json())
+        payload = response.json()
+        (answer,) = read_answers(protocol, payload)
+        self.last_payload = payload
         return answer
 
     def stream(self, items: list[tuple[bytes, str]], prefix: str) -> dict[str, Any]:
@@ -111,7 +114,8 @@ class Served:
         v1 = self.predict(image, "v1", f"probe-{uuid.uuid4().hex[:12]}").model_version
         v2 = self.predict(image, "v2", f"probe-{uuid.uuid4().hex[:12]}").model_version
         default = str(self.torchserve.describe()["modelVersion"])
-        return {"v1": v1, "v2": v2, "torchserve_default": default}
+        return {"v1": v1, "v2": v2, "v2_envelope": str(self.last_payload.get("model_version")),
+                "torchserve_default": default}
 
     def close(self) -> None:
         from serving.torchserve_process import stop_process_group

@@ -53,15 +53,18 @@ def test_the_loop_closes_and_rolls_back(data_dir, mlflow_server, tmp_path):
 
     # 8. the running TorchServe serves the challenger: same process, new worker, old version unloaded
     rolled = steps["8_rollout"]
-    assert rolled["served_before"] == {"v1": champion, "v2": champion, "torchserve_default": champion}
-    assert rolled["served_after"] == {"v1": challenger, "v2": challenger, "torchserve_default": challenger}
+    assert rolled["served_before"] == {"v1": champion, "v2": champion, "v2_envelope": champion,
+                                      "torchserve_default": champion}
+    assert rolled["served_after"] == {"v1": challenger, "v2": challenger, "v2_envelope": challenger,
+                                     "torchserve_default": challenger}
     assert rolled["torchserve_running"] and rolled["registered"] and rolled["unregistered"] == [champion]
     assert rolled["worker_pids_before"] and set(rolled["worker_pids_after"]).isdisjoint(rolled["worker_pids_before"])
 
     # 9. rollback: champion alias and the served version are the old ones again
     back = steps["9_rollback"]
     assert back["aliases"] == {"champion": champion, "previous": challenger}
-    assert back["served_after"] == {"v1": champion, "v2": champion, "torchserve_default": champion}
+    assert back["served_after"] == {"v1": champion, "v2": champion, "v2_envelope": champion,
+                                      "torchserve_default": champion}
     assert back["unregistered"] == [challenger]
     assert registry.alias_version(registry.CHAMPION) == champion
 
