@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -103,6 +103,12 @@ drift: install ## audit log vs the champion's reference -> $(DRIFT_OUT) (exit 0 
 drift-demo: install ## drift scenarios on the default data with BUNDLE (default: the champion) -> reports/drift/summary.json
 	$(if $(BUNDLE),,$(PY) -m training.registry fetch --uri models:/cxr-screen@champion --out runs/champion/bundle)
 	$(PY) -m monitoring.drift_demo --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/drift
+
+loop-demo: install ## the MLOps loop on real servers (private MLflow, TorchServe, Ray, Evidently): serve -> drift -> retrain -> promote -> rollout -> rollback -> reports/loop/loop.json
+	$(PY) -m monitoring.loop_demo --data-dir $(DATA_DIR) --out $(REPORTS)/loop/loop.json
+
+rollout: install ## swap models:/cxr-screen@champion into the running `make serve` TorchServe (management API, no restart)
+	$(PY) -m serving.rollout --model-uri $(MODEL_URI)
 
 feedback: install ## make feedback REQUEST_ID=... LABEL=tuberculosis [REVIEWER=...]
 	$(PY) -m monitoring.feedback add --request-id "$(REQUEST_ID)" --label "$(LABEL)" --reviewer "$(REVIEWER)" --audit-log $(AUDIT_LOG)

@@ -78,6 +78,9 @@ def runtime_properties(package_config: str, *, host: str, ports: TorchServePorts
         "grpc_management_port": str(ports.grpc_management),
         "model_store": str(model_store),
         "disable_system_metrics": "true",
+        # the model API (register / set-default / unregister, token-protected) is how serving.rollout
+        # swaps a promoted version into the running server; TorchServe >= 0.11 turns it off by default
+        "enable_model_api": "true",
     }
     lines = []
     for line in package_config.splitlines():

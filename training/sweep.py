@@ -152,10 +152,12 @@ def trial_objective(mode: str, config: TrainConfig, result, data_dir: Path, loso
 def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config: Path,
               cli_overrides: dict[str, Any] | None = None, experiment: str = "cxr-screen",
               register: bool = True, report_dir: Path | None = None,
-              objective_mode: str | None = None) -> dict[str, Any]:
+              objective_mode: str | None = None, promote: bool = True) -> dict[str, Any]:
     """Run the sweep, pick the winner, register it; returns the leaderboard document.
 
-    ``objective_mode`` (default: the budget's) overrides how trials are ranked.
+    ``objective_mode`` (default: the budget's) overrides how trials are ranked. ``promote=False``
+    registers the winner as a challenger and leaves ``champion`` where it is (the retrain loop
+    promotes after its own checks).
     """
     import mlflow
     import ray
@@ -217,14 +219,15 @@ def run_sweep(budget_name: str, data_dir: Path, storage_path: Path, sweep_config
                     "objective": OBJECTIVE_DOCS[mode]}
         document["winner_test"] = winner_test_summary(Path(winner["bundle_dir"]))
     if register:
-        document["registered_version"] = register_winner(document, data_dir)
+        document["registered_version"] = register_winner(document, data_dir, promote=promote)
     if report_dir is not None:
         write_leaderboard(document, report_dir)
     return document
 
 
-def register_winner(document: dict[str, Any], data_dir: Path) -> str:
-    """Registration, its own step after the sweep has ended: reference profile, pyfunc model, new champion.
+def register_winner(document: dict[str, Any], data_dir: Path, promote: bool = True) -> str:
+    """Registration, its own step after the sweep has ended: reference profile, pyfunc model, new champion
+    (or, with ``promote=False``, a challenger that ``training.registry promote`` makes champion later).
 
     The winner's bundle gets its drift reference profile, is logged to the finished sweep's parent
     run as the pyfunc model and registered as a new version of ``cxr-screen`` with alias ``champion``.
@@ -235,8 +238,9 @@ def register_winner(document: dict[str, Any], data_dir: Path) -> str:
     bundle_dir = Path(winner["bundle_dir"])
     _attach_reference_profile(bundle_dir, Path(data_dir).resolve())
     version = register_bundle(bundle_dir, document["mlflow_parent_run_id"],
-                              registry_tags(winner, document["sweep"], bundle_dir))
-    log.info("registered cxr-screen version %s (%s) as champion", version, winner["family"])
+                              registry_tags(winner, document["sweep"], bundle_dir), promote=promote)
+    log.info("registered cxr-screen version %s (%s) as %s", version, winner["family"],
+             "champion" if promote else "challenger")
     return version
 
 
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "sweep.yaml")
     parser.add_argument("--report-dir", type=Path, default=Path("reports/sweep"))
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--no-promote", action="store_true",
+                        help="register the winner as a challenger; champion stays (training.registry promote)")
     parser.add_argument("--rerender", action="store_true",
                         help="rewrite leaderboard.md (and the winner's test summary) from <report-dir>/leaderboard.json; no training")
     parser.add_argument("--objective-mode", choices=OBJECTIVE_MODES, default=os.environ.get("SWEEP_OBJECTIVE") or None,
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     document = run_sweep(args.budget, args.data_dir, args.storage_path, args.config, parse_overrides(args.overrides),
                          register=not args.no_register, report_dir=args.report_dir,
-                         objective_mode=args.objective_mode)
+                         objective_mode=args.objective_mode, promote=not args.no_promote)
     print(Path(args.report_dir / "leaderboard.md").read_text())
     return 0
 
