@@ -7,6 +7,9 @@ every model bundle, so serving rebuilds exactly the pixels the model was validat
 The chain is split at a uint8 array at model resolution (:class:`PreparedImage`) because that is
 what the training cache stores: decoding JPEGs every epoch is the slowest step, and the cached
 array plus :func:`pixels_to_tensor` must give the same tensor as the uncached path.
+
+Lung fields (``PreprocessConfig.lung_fields``, :mod:`cxr_core.lungs`) are one more step of the same
+chain, after the black-border crop: so every caller gets them, with the weights the config names.
 """
 
 from __future__ import annotations
