@@ -110,26 +110,36 @@ def test_blank_image_raises_the_lung_flag(fill):
     assert not plain.flags.lung_segmentation_failed and plain.flags.lung_failure_reason is None
 
 
-def test_bundle_carries_the_segmenter_and_rebuilds_identical_tensors(data_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def lung_run(data_dir, tmp_path_factory):
+    """A real HOG + logistic regression run with the lung crop on a tiny real subset."""
     from training.train import run_training
 
     config = TrainConfig(run_name="test-hog-lungs", model="hog_logreg", mode="classical",
                          preprocess={"image_size": 64, "lung_fields": "crop"},
                          subset={"train": 12, "val": 8, "test": 6}, n_bootstrap=0, exclusions=None, figures=False)
-    result = run_training(config, data_dir, tmp_path / "runs", track=False)
-    bundle = tmp_path / "moved-bundle"  # what a MAR or a registry download holds
-    shutil.copytree(result.bundle_dir, bundle)
+    return run_training(config, data_dir, tmp_path_factory.mktemp("lung-runs"), track=False)
+
+
+def _forget_segmenters(monkeypatch) -> None:
+    """What a fresh process on another machine sees: nothing loaded, no default weights file."""
+    monkeypatch.setattr(lungs, "_LOADED", {})
+    monkeypatch.setattr(lungs, "_candidate_files", lambda: [])
+
+
+def test_bundle_carries_the_segmenter_and_rebuilds_identical_tensors(lung_run, data_dir, tmp_path, monkeypatch):
+    config = lung_run.config
+    bundle = tmp_path / "moved-bundle"  # what a registry download holds
+    shutil.copytree(lung_run.bundle_dir, bundle)
     manifest = read_manifest(bundle)
     assert manifest.preprocess.lung_fields == "crop"
     assert file_sha256(bundle / LUNG_WEIGHTS) == manifest.preprocess.lung_segmenter_sha256 == file_sha256(DEFAULT_WEIGHTS)
     paths = [p for label in ("normal", "pneumonia", "tuberculosis") for p in sorted((data_dir / "test" / label).glob("*.jpg"))[:2]]
     before = [pixels_to_tensor(prepare_image(p.read_bytes(), config.preprocess).pixels, config.preprocess) for p in paths]
-    expected = [result.model.predict_proba(hog_features(prepare_image(p.read_bytes(), config.preprocess).pixels[None],
-                                                        config.classical.hog))[0] for p in paths]
+    expected = [lung_run.model.predict_proba(hog_features(prepare_image(p.read_bytes(), config.preprocess).pixels[None],
+                                                          config.classical.hog))[0] for p in paths]
 
-    # a fresh process: nothing loaded, and no default weights file to fall back on
-    monkeypatch.setattr(lungs, "_LOADED", {})
-    monkeypatch.setattr(lungs, "_candidate_files", lambda: [])
+    _forget_segmenters(monkeypatch)
     with pytest.raises(lungs.LungSegmenterMissingError):
         prepare_image(paths[0].read_bytes(), manifest.preprocess)
     predictor = load_bundle(bundle)
@@ -147,19 +157,35 @@ def test_bundle_carries_the_segmenter_and_rebuilds_identical_tensors(data_dir, t
         load_bundle(bundle)
 
 
-def test_blank_image_is_a_quality_concern_for_a_lung_bundle(data_dir, tmp_path):
-    """The flag reaches the decision: a refused mask never yields a confident answer."""
+def test_the_mar_holds_the_segmenter(lung_run, data_dir, tmp_path, monkeypatch):
+    """torch-model-archiver's real MAR carries bundle/lungs.pt; the bundle inside it loads on its own."""
+    import zipfile
+
+    from serving.mar import build_package
+
+    package = build_package(lung_run.bundle_dir, tmp_path / "package")
+    with zipfile.ZipFile(package.mar) as archive:
+        assert "bundle/lungs.pt" in archive.namelist()
+        archive.extractall(tmp_path / "extracted")
+    _forget_segmenters(monkeypatch)
+    predictor = load_bundle(tmp_path / "extracted" / "bundle")
+    path = sorted((data_dir / "test" / "tuberculosis").glob("*.jpg"))[0]
+    got = predictor.predict_bytes(path.read_bytes()).probabilities_raw
+    pixels = prepare_image(path.read_bytes(), lung_run.config.preprocess).pixels[None]
+    raw = lung_run.model.predict_proba(hog_features(pixels, lung_run.config.classical.hog))[0]
+    np.testing.assert_allclose([got[c] for c in predictor.classes], raw, atol=1e-6)
+
+
+def test_blank_image_is_a_quality_concern_for_a_lung_bundle(lung_run):
+    """The flag reaches the decision: a refused mask never yields a routine answer."""
     from PIL import Image
 
     from tests.imaging import png_bytes
-    from training.train import run_training
 
-    config = TrainConfig(run_name="test-hog-lungs-flag", model="hog_logreg", mode="classical",
-                         preprocess={"image_size": 64, "lung_fields": "crop"},
-                         subset={"train": 12, "val": 8, "test": 6}, n_bootstrap=0, exclusions=None, figures=False)
-    predictor = load_bundle(run_training(config, data_dir, tmp_path / "runs", track=False).bundle_dir)
+    predictor = load_bundle(lung_run.bundle_dir)
     prediction = predictor.predict_bytes(png_bytes(Image.fromarray(np.full((256, 256), 128, dtype=np.uint8))))
     assert prediction.quality.lung_segmentation_failed
+    assert prediction.decision.triage != "routine"
     assert json.loads(prediction.model_dump_json())["quality"]["lung_failure_reason"] in lungs.FAILURE_REASONS
 
 
