@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -180,6 +180,14 @@ perturb: install ## perturbation suite on BUNDLE=dir(s), else unmitigated + defa
 shortcuts: install ## source/age probes, lung masking, evidence outside the chest -> reports/robustness/shortcuts.*
 	$(PY) -m training.robustness.shortcuts $(if $(BUNDLE),$(foreach b,$(BUNDLE),--bundle $(b)),--from-loso $(REPORTS)/robustness/$(LOSO_NAME).json) \
 		--data-dir $(DATA_DIR) --robustness $(ROBUSTNESS) --out $(REPORTS)/robustness
+
+LUNG_MASKS ?= ../shared/data/lung-masks
+train-lungs: install ## lung segmenter from LUNG_MASKS -> models/lungs/segmenter.{pt,json}, reports/lungs/segmenter.*, then lungs-check (~10 min)
+	$(PY) -m training.train_lungs --data-dir $(LUNG_MASKS) --weights models/lungs/segmenter.pt --report-dir $(REPORTS)/lungs
+	$(MAKE) lungs-check
+
+lungs-check: install ## the segmenter on every cxr3 test image: failure rates per source x class + contact sheet -> reports/lungs/cxr3-check.*
+	$(PY) -m training.lungs_check --data-dir $(DATA_DIR) --weights models/lungs/segmenter.pt --out $(REPORTS)/lungs
 
 clean: ## remove caches and local runs (keeps .venv and committed reports)
 	rm -rf .cache mlruns mlartifacts model-store runs

@@ -10,6 +10,8 @@ Layout::
                      fitted policy, metrics, provenance, reference profile)
     weights.pt       torch state dict            (neural families)
     model.joblib     fitted scikit-learn model   (HOG families)
+    lungs.pt         lung segmenter weights      (when preprocess.lung_fields is not "none";
+                     its sha256 is preprocess.lung_segmenter_sha256)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MANIFEST_NAME = "bundle.json"
 TORCH_WEIGHTS = "weights.pt"
 SKLEARN_MODEL = "model.joblib"
 UNGRADABLE = "ungradable"
+LUNG_WEIGHTS = "lungs.pt"
 
 
 class UnsupportedBundleError(ValueError):
@@ -159,6 +162,9 @@ class Predictor:
                                       gray_zone=[]),
                     quality=quality, gate=verdict))
                 continue
+        for row_raw, row_cal, quality in zip(raw, calibrated, flags):
+            concern = (quality.underexposed or quality.overexposed or quality.low_contrast
+                       or quality.lung_segmentation_failed)
             results.append(
                 Prediction(
                     classes=self.classes,
@@ -209,8 +215,37 @@ def save_bundle(path: Path | str, manifest: BundleManifest, torch_model: torch.n
         if sklearn_model is None:
             raise ValueError("a HOG bundle needs sklearn_model")
         joblib.dump(sklearn_model, path / SKLEARN_MODEL)
+    save_lung_segmenter(path, manifest.preprocess)
     (path / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n")
     return path
+
+
+def save_lung_segmenter(path: Path, preprocess: PreprocessConfig) -> None:
+    """Copy the segmenter the config names into the bundle, so the bundle needs nothing beside it."""
+    if preprocess.lung_fields == "none":
+        return
+    from cxr_core.lungs import file_sha256, segmenter_for
+
+    segmenter = segmenter_for(preprocess.lung_segmenter_sha256 or "")
+    if segmenter.source is None or not segmenter.source.exists():
+        raise ValueError(f"lung segmenter {segmenter.sha256[:12]}... was not loaded from a file; save it first")
+    target = path / LUNG_WEIGHTS
+    if segmenter.source.resolve() != target.resolve():
+        target.write_bytes(segmenter.source.read_bytes())
+    if file_sha256(target) != preprocess.lung_segmenter_sha256:
+        raise RuntimeError(f"{target} does not hold the lung segmenter the preprocessing config names")
+
+
+def load_lung_segmenter(path: Path, preprocess: PreprocessConfig) -> None:
+    """Register the bundle's own segmenter copy (checked against the manifest's sha256)."""
+    if preprocess.lung_fields == "none":
+        return
+    from cxr_core.lungs import load_segmenter_file
+
+    weights = path / LUNG_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"bundle {path} uses lung fields but has no {LUNG_WEIGHTS}")
+    load_segmenter_file(weights, preprocess.lung_segmenter_sha256)
 
 
 def read_manifest(path: Path | str) -> BundleManifest:
@@ -232,6 +267,7 @@ def load_bundle(path: Path | str, gate: bool = True) -> Predictor:
     """Load a bundle directory into a :class:`Predictor` (eval mode, CPU), with its gate if it has one."""
     path = Path(path)
     manifest = read_manifest(path)
+    load_lung_segmenter(path, manifest.preprocess)
     fitted_gate = Gate.load(path, manifest.gate) if gate and manifest.gate and (path / GATE_ARRAYS).exists() else None
     if manifest.model.kind == "torch":
         model = create_model(manifest.model.name, len(manifest.classes), **manifest.model.kwargs)

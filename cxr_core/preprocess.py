@@ -7,6 +7,9 @@ every model bundle, so serving rebuilds exactly the pixels the model was validat
 The chain is split at a uint8 array at model resolution (:class:`PreparedImage`) because that is
 what the training cache stores: decoding JPEGs every epoch is the slowest step, and the cached
 array plus :func:`pixels_to_tensor` must give the same tensor as the uncached path.
+
+Lung fields (``PreprocessConfig.lung_fields``, :mod:`cxr_core.lungs`) are one more step of the same
+chain, after the black-border crop: so every caller gets them, with the weights the config names.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxr_core.decode import decode_grayscale
 from cxr_core.errors import ImageTooSmallError
@@ -65,10 +68,32 @@ class PreprocessConfig(BaseModel):
     max_megapixels: float = Field(60.0, gt=0, description="refuse larger images (decompression bombs)")
     min_side: int = Field(64, ge=1, description="refuse images whose shorter side is smaller")
     quality: QualityThresholds = QualityThresholds()
+    lung_fields: Literal["none", "crop", "crop_mask"] = Field(
+        "none", description="crop to the lungs' box (cxr_core.lungs); crop_mask also blacks out what is not lung")
+    lung_margin: float = Field(0.08, ge=0, le=0.5, description="lung box grown by this share of its side, per side")
+    lung_segmenter_sha256: str | None = Field(
+        None, description="sha256 of the segmenter weights; filled with the default file's when lung_fields is set")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_segmenter(cls, data):
+        """A config that asks for lung fields names its weights, so caches and bundles know which ones."""
+        if isinstance(data, dict) and data.get("lung_fields", "none") != "none" and not data.get("lung_segmenter_sha256"):
+            from cxr_core.lungs import default_segmenter_sha256
+
+            data = {**data, "lung_segmenter_sha256": default_segmenter_sha256()}
+        return data
 
     def fingerprint(self) -> str:
-        """Stable hash of the parameters, used to key caches of preprocessed pixels."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Stable hash of the parameters, used to key caches of preprocessed pixels.
+
+        Without lung fields the lung options are left out, so caches made before they existed stay valid.
+        """
+        dumped = self.model_dump(mode="json")
+        if self.lung_fields == "none":
+            for key in ("lung_fields", "lung_margin", "lung_segmenter_sha256"):
+                dumped.pop(key)
+        payload = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -91,6 +116,9 @@ class QualityFlags(BaseModel):
     overexposed: bool
     low_contrast: bool
     has_border: bool
+    lung_segmentation_failed: bool = Field(False, description="lung fields asked for, but the mask was refused")
+    lung_failure_reason: str | None = Field(
+        None, description="empty_mask, one_lung, implausible_area or outside_chest (cxr_core.lungs)")
 
 
 @dataclass(frozen=True)
@@ -180,10 +208,38 @@ def prepare_gray(gray: np.ndarray, config: PreprocessConfig, source_format: str 
     box = find_content_box(gray, config)
     flags = compute_quality_flags(gray, box, source_format, bit_depth, config)
     content = gray[box[0] : box[1], box[2] : box[3]]
+    lung_mask = None
+    if config.lung_fields != "none":
+        content, box, lung_mask, failure = crop_to_lungs(np.ascontiguousarray(content), box, config)
+        if failure:
+            flags = flags.model_copy(update={"lung_segmentation_failed": True, "lung_failure_reason": failure})
     if config.clahe:
         content = apply_clahe(np.ascontiguousarray(content), config.clahe_clip_limit, config.clahe_tile_grid)
     pixels = resize_square(np.ascontiguousarray(content), config.image_size, config.resize_interpolation)
+    if lung_mask is not None and config.lung_fields == "crop_mask":
+        size = (config.image_size, config.image_size)
+        pixels[cv2.resize(lung_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) == 0] = 0
     return PreparedImage(pixels=pixels, flags=flags, crop_box=box)
+
+
+def crop_to_lungs(content: np.ndarray, box: tuple[int, int, int, int], config: PreprocessConfig
+                  ) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray | None, str | None]:
+    """Segment the lungs in the content region and crop to their box plus the margin.
+
+    Returns the cropped pixels, the crop box in original coordinates, the lung mask over the crop
+    and the failure reason. A refused mask leaves the content region as it was (and no mask): the
+    image still gets an answer, and the quality flag lets the serving gate refuse it.
+    """
+    from cxr_core.lungs import expand_box, segmenter_for
+
+    fields = segmenter_for(config.lung_segmenter_sha256 or "").segment(content)
+    if not fields.ok or fields.box is None:
+        return content, box, None, fields.failure
+    height, width = content.shape
+    top, bottom, left, right = expand_box(fields.box, config.lung_margin, height, width)
+    mask = fields.mask_at(height, width)[top:bottom, left:right]
+    crop_box = (box[0] + top, box[0] + bottom, box[2] + left, box[2] + right)
+    return content[top:bottom, left:right], crop_box, mask, None
 
 
 def prepare_image(data: bytes, config: PreprocessConfig) -> PreparedImage:

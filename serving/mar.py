@@ -56,7 +56,7 @@ class ModelPackage:
 def bundle_version(bundle_dir: Path) -> str:
     """A version naming the bundle's content, for bundles that did not come from the registry."""
     digest = hashlib.sha256((bundle_dir / MANIFEST_NAME).read_bytes())
-    for name in ("weights.pt", "model.joblib"):
+    for name in ("weights.pt", "model.joblib", "lungs.pt"):
         if (bundle_dir / name).exists():
             digest.update((bundle_dir / name).read_bytes())
     return f"0.{int(digest.hexdigest()[:7], 16)}"

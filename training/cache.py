@@ -10,6 +10,7 @@ pixels. Tensors are made from these arrays by the same :func:`pixels_to_tensor` 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -48,10 +49,28 @@ class PreprocessedCache:
         return pixels
 
 
-def _pixels_worker(task: tuple[str, str, str]) -> np.ndarray:
-    path, config_json, root = task
-    cache = PreprocessedCache(PreprocessConfig.model_validate_json(config_json), Path(root).parent)
+def _pixels_worker(task: tuple[str, str, str, str | None]) -> np.ndarray:
+    path, config_json, root, lung_weights = task
+    config = PreprocessConfig.model_validate_json(config_json)
+    if lung_weights:
+        import torch
+
+        from cxr_core.lungs import load_segmenter_file
+
+        torch.set_num_threads(1)  # one process per core already
+        load_segmenter_file(lung_weights, config.lung_segmenter_sha256)
+    cache = PreprocessedCache(config, Path(root).parent)
     return cache.pixels(path)
+
+
+def _lung_weights(config: PreprocessConfig) -> str | None:
+    """The segmenter file a worker must load (lung fields on), else None."""
+    if config.lung_fields == "none":
+        return None
+    from cxr_core.lungs import segmenter_for
+
+    source = segmenter_for(config.lung_segmenter_sha256 or "").source
+    return str(source) if source else None
 
 
 def load_pixel_array(
@@ -62,11 +81,17 @@ def load_pixel_array(
     cache = PreprocessedCache(config, root)
     if not paths:
         return np.zeros((0, config.image_size, config.image_size), dtype=np.uint8)
-    tasks = [(str(p), config.model_dump_json(), str(cache.directory)) for p in paths]
+    lung_weights = _lung_weights(config)
+    tasks = [(str(p), config.model_dump_json(), str(cache.directory), lung_weights) for p in paths]
     progress = dict(total=len(tasks), desc=desc, unit="img", file=sys.stderr, leave=False)
+    # The lung segmenter runs torch in the workers: a forked child of a process that already ran
+    # torch can deadlock in the OpenMP runtime, so those workers are spawned (and small sets stay here).
+    if lung_weights and len(paths) < 200:
+        workers = 1
+    context = multiprocessing.get_context("spawn") if lung_weights else None
     if workers <= 1:
         arrays = [cache.pixels(p) for p in tqdm(paths, **progress)]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             arrays = list(tqdm(pool.map(_pixels_worker, tasks, chunksize=32), **progress))
     return np.stack(arrays)
