@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,6 +123,16 @@ def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, h
     return np.log(np.clip(probs, 1e-7, 1.0))
 
 
+@dataclass(frozen=True)
+class BatchScores:
+    """What a bundle says about a batch: (N, C) logits and probabilities, (N,) decided class indices."""
+
+    logits: np.ndarray
+    probabilities_raw: np.ndarray
+    probabilities: np.ndarray = field(repr=False)
+    decisions: np.ndarray = field(repr=False)
+
+
 @dataclass
 class Predictor:
     """A loaded bundle: preprocessing, model, temperature and policy behind one call."""
@@ -146,9 +156,22 @@ class Predictor:
         """Raw and calibrated probabilities of a logits matrix."""
         return softmax(logits, 1.0), softmax(logits, self.manifest.temperature)
 
+    def score(self, pixels: np.ndarray) -> "BatchScores":
+        """(N, H, W) prepared pixels -> logits, raw and calibrated probabilities and policy decisions, together.
+
+        The batch API that evaluation, the robustness audits and serving share, so nobody composes
+        ``logits -> softmax(T) -> decide`` by hand. The gate is not applied here (offline
+        evaluation measures the model on every image; :meth:`predict_prepared` adds the gate).
+        """
+        logits = self.logits_from_pixels(pixels)
+        raw, calibrated = self.probabilities(logits)
+        return BatchScores(logits=logits, probabilities_raw=raw, probabilities=calibrated,
+                           decisions=self.manifest.policy.decide_indices(calibrated))
+
     def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags],
                          colourfulness: list[float] | None = None) -> list[Prediction]:
-        raw, calibrated = self.probabilities(self.logits_from_pixels(pixels))
+        scores = self.score(pixels)
+        raw, calibrated = scores.probabilities_raw, scores.probabilities
         verdicts = (self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness)
                     if self.gate is not None else [None] * len(flags))
         results = []

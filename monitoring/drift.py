@@ -71,22 +71,14 @@ class Reference:
     info: dict[str, Any]
 
 
-def _bundle_in(folder: Path) -> Path | None:
-    found = sorted(p.parent for p in folder.rglob("bundle.json"))
-    return found[0] if found else None
-
-
 def load_reference(reference: str | Path) -> Reference:
     """A bundle directory, a profile CSV, or an MLflow URI of a logged bundle -> the reference table."""
     text = str(reference)
     if text.startswith(_URI_SCHEMES):
-        import mlflow
+        from training.registry import fetch_bundle  # the one bundle store (registry, serving and here)
 
         with tempfile.TemporaryDirectory(prefix="cxr-reference-") as folder:
-            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=folder))
-            bundle = downloaded if (downloaded / "bundle.json").exists() else _bundle_in(downloaded)
-            if bundle is None:
-                raise FileNotFoundError(f"{text} holds no bundle.json")
+            bundle, _ = fetch_bundle(text, Path(folder) / "bundle")
             loaded = _reference_of_bundle(bundle)
         loaded.info.update({"source": text, "bundle": text, "file": f"{text} -> {loaded.info['file_name']}"})
         return loaded

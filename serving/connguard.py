@@ -5,7 +5,8 @@ timeout: 200 sockets sending one header byte a second stay open as long as the c
 nothing caps the sockets one client holds. This wraps uvicorn's HTTP protocol class:
 
 - a **header timeout**: a connection whose request headers are not complete ``header_timeout_s``
-  after it opened (or after its previous response) gets ``408`` and is closed;
+  after it opened (or after the first byte of its next request) gets ``408`` and is closed; an idle
+  kept-alive connection between requests is closed silently by uvicorn's keep-alive timeout;
 - a **per-client connection cap**: a client address with ``max_connections_per_client`` open
   sockets has its next one answered ``429`` and closed.
 
@@ -75,10 +76,19 @@ def guarded(base: type) -> type:
                 self.transport.write(_refusal(status, code, reason))
                 self.transport.close()
 
+        def data_received(self, data: bytes) -> None:
+            # the first bytes of a new request on a kept-alive connection start its header clock;
+            # an idle kept-alive connection is uvicorn's keep-alive timeout's business, not a refusal
+            cycle = getattr(self, "cycle", None)
+            if self._header_timer is None and (cycle is None or cycle.response_complete):
+                self._arm()
+            super().data_received(data)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
 
         def connection_lost(self, exc) -> None:  # type: ignore[override]
             if self._header_timer is not None:

@@ -458,6 +458,8 @@ class FrontGuard:
             forward_headers["x-caller-id"] = context["caller"]
         try:
             answer = await model._forward(f"/v2/models/{name}/infer", request.forward_body(), forward_headers)
+            if answer.get("model_version"):  # follow a rollout (serving.rollout) in metadata and refusals too
+                model.model_version = str(answer["model_version"])
             content, extra = encode_response(answer, request, name, model.model_version)
         except FrontError as error:
             if not error.audited:

@@ -301,7 +301,9 @@ def encode_response(answer: dict[str, Any], request: OipRequest, model_name: str
         if parameters:
             entry["parameters"] = parameters
         outputs.append(entry)
-    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    # the version TorchServe answered with (it changes under a rollout); the front's cached one otherwise
+    served_version = str(answer.get("model_version") or model_version)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": served_version, "outputs": outputs}
     document["id"] = request.request_id or answer.get("id") or ""
     header = json.dumps(document, separators=(",", ":")).encode()
     if not blobs:

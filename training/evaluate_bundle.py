@@ -23,7 +23,6 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_core.bundle import Predictor, load_bundle
-from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
 from cxr_core.preprocess import prepare_image
 from training.data import discover_dataset
@@ -34,10 +33,11 @@ log = logging.getLogger("training.evaluate_bundle")
 
 @dataclass
 class FolderPredictions:
-    """Logits of every readable image of a labelled folder, aligned with its metadata."""
+    """Logits and the bundle's decisions for every readable image of a labelled folder, aligned with its metadata."""
 
     classes: list[str]
     logits: np.ndarray
+    decisions: np.ndarray  # the policy decisions of the bundle that produced these logits
     labels: np.ndarray
     sources: list[str]
     relpaths: list[str]
@@ -65,11 +65,11 @@ def predict_folder(predictor: Predictor, data_dir: Path, split: str | None = Non
     if not kept:
         raise ValueError(f"none of the {len(records)} images of {data_dir} could be read")
     stacked = np.stack(pixels)
-    logits = np.concatenate([predictor.logits_from_pixels(stacked[i : i + batch_size])
-                             for i in range(0, len(stacked), batch_size)])
+    batches = [predictor.score(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
     return FolderPredictions(
         classes=predictor.classes,
-        logits=logits,
+        logits=np.concatenate([batch.logits for batch in batches]),
+        decisions=np.concatenate([batch.decisions for batch in batches]),
         labels=np.asarray([predictor.classes.index(r.label) for r in kept]),
         sources=[r.source for r in kept],
         relpaths=[r.relpath for r in kept],
@@ -81,11 +81,10 @@ def evaluate_folder(predictor: Predictor, predictions: FolderPredictions, data_d
                     n_bootstrap: int = 1000) -> dict:
     """Evaluate with the bundle's temperature and thresholds; writes the report into ``out``."""
     manifest = predictor.manifest
-    probs = softmax(predictions.logits, manifest.temperature)
     floors = {k: v for k, v in manifest.policy.config.floors.items() if k in predictions.classes}
     metrics = evaluate_predictions(
         classes=predictions.classes, y_true=predictions.labels, logits=predictions.logits,
-        temperature=manifest.temperature, policy_decisions=manifest.policy.decide_indices(probs),
+        temperature=manifest.temperature, policy_decisions=predictions.decisions,
         thresholds=manifest.policy.thresholds, floors=floors, sources=predictions.sources,
         relpaths=predictions.relpaths, out_dir=out, image_root=data_dir, n_bootstrap=n_bootstrap,
         gray_zone_margin=manifest.policy.config.gray_zone,

@@ -130,25 +130,38 @@ def rollback(name: str = REGISTERED_MODEL) -> dict[str, str | None]:
 
 
 def fetch_bundle(model_uri: str, dest: Path | str) -> tuple[Path, str]:
-    """Download a registered bundle (e.g. ``models:/cxr-screen@champion``) -> (dir, version)."""
+    """The one door from MLflow to a local bundle directory -> (dir, version).
+
+    ``models:/cxr-screen@champion`` or ``models:/cxr-screen/3`` (version = the registry's), or any
+    other MLflow artifact URI of a logged bundle (``runs:/...``, ``mlflow-artifacts:/...``,
+    ``file://...``, object stores; version = the URI). Registry, ``make mar``, the rollout, the
+    evaluation CLI and the drift job's reference all fetch through here.
+    """
     dest = Path(dest)
-    name, _, selector = model_uri.removeprefix("models:/").partition("@")
-    if selector:
-        version = client().get_model_version_by_alias(name, selector).version
+    if model_uri.startswith("models:/"):
+        name, _, selector = model_uri.removeprefix("models:/").partition("@")
+        if selector:
+            version = client().get_model_version_by_alias(name, selector).version
+        else:
+            name, _, version = model_uri.removeprefix("models:/").partition("/")
+        artifact_uri = f"models:/{name}/{version}"
     else:
-        name, _, version = model_uri.removeprefix("models:/").partition("/")
+        artifact_uri, version = model_uri, model_uri
     if dest.exists():
         shutil.rmtree(dest)
     staging = Path(tempfile.mkdtemp(prefix="cxr-bundle-"))
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                          dst_path=str(staging), tracking_uri=tracking_uri()))
-    if not (downloaded / "bundle.json").exists():
-        nested = next(downloaded.rglob("bundle.json"), None)
-        if nested is None:
-            raise FileNotFoundError(f"{model_uri} holds no bundle.json")
-        downloaded = nested.parent
-    shutil.move(str(downloaded), dest)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(staging),
+                                                              tracking_uri=tracking_uri()))
+        if not (downloaded / "bundle.json").exists():
+            nested = sorted(p.parent for p in downloaded.rglob("bundle.json"))
+            if not nested:
+                raise FileNotFoundError(f"{model_uri} holds no bundle.json")
+            downloaded = nested[0]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(downloaded), dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest, str(version)
 
 

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_core.bundle import model_logits, read_manifest
-from cxr_core.calibration import softmax
+from cxr_core.bundle import load_bundle, read_manifest
 from training.cache import load_pixel_array
 from training.config import TrainConfig, parse_overrides
 from training.data import Dataset, default_data_dir
@@ -76,10 +75,8 @@ def run_fold(base: TrainConfig, mitigation_name: str, mitigation: MitigationSpec
     reference = settings.loso.reference_class
     records = heldout_records(dataset, fold, reference)
     pixels = crop_toward_chest(load_pixel_array([r.path for r in records], config.preprocess), mitigation.chest_crop)
-    hog = config.classical.hog if config.mode == "classical" else None
-    logits = model_logits(result.model, pixels, config.preprocess, hog)
-    probs = softmax(logits, result.temperature)
-    decisions = result.policy.decide_indices(probs)
+    scores = load_bundle(result.bundle_dir, gate=False).score(pixels)
+    logits, probs, decisions = scores.logits, scores.probabilities, scores.decisions
     labels = np.asarray([classes.index(r.label) for r in records], dtype=np.int64)
     metrics = operating_point_metrics(classes, labels, probs, decisions, [age_group(r) for r in records], reference)
     evaluate_predictions(  # the full held-out report, for a person to read (runs/, not committed)

@@ -31,7 +31,6 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_core.bundle import Predictor, load_bundle
-from cxr_core.calibration import softmax
 from cxr_core.decode import decode_grayscale
 from cxr_core.preprocess import prepare_gray, to_uint8
 from training.data import ImageRecord, default_data_dir
@@ -151,8 +150,8 @@ def predict_perturbed(predictor: Predictor, decoded: list[tuple[np.ndarray, str,
     for index, (gray, fmt, depth) in enumerate(decoded):
         image = gray if name is None else perturb(gray, name, level, np.random.default_rng((seed, index)))
         pixels.append(prepare_gray(image, config, fmt, depth).pixels)
-    probs = softmax(predictor.logits_from_pixels(np.stack(pixels)), predictor.manifest.temperature)
-    return probs, predictor.manifest.policy.decide_indices(probs)
+    scores = predictor.score(np.stack(pixels))
+    return scores.probabilities, scores.decisions
 
 
 def first_level(rows: list[dict], predicate: Callable[[float], bool], key: str) -> dict | None:

@@ -44,7 +44,6 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from cxr_core.bundle import Predictor, load_bundle
-from cxr_core.calibration import softmax
 from cxr_core.explain import ZoneConfig, cam_heatmap, central_chest_box, lung_zone_shares
 from cxr_core.hog import hog_features
 from cxr_core.preprocess import pixels_to_tensor
@@ -157,8 +156,8 @@ def masking_audit(predictor: Predictor, pixels: np.ndarray, labels: np.ndarray, 
                               "chest_box_fraction": ZoneConfig().model_dump(include={"left", "right", "top", "bottom"})}
     for name, view in (("unmasked", pixels), ("chest_masked", mask_chest(pixels, "outside")),
                        ("only_chest", mask_chest(pixels, "chest"))):
-        probs = softmax(predictor.logits_from_pixels(view), predictor.manifest.temperature)
-        decisions = predictor.manifest.policy.decide_indices(probs)
+        scores = predictor.score(view)
+        probs, decisions = scores.probabilities, scores.decisions
         m = operating_point_metrics(classes, labels, probs, decisions, ages)
         result[name] = {
             "accuracy_argmax": m["accuracy_argmax"], "accuracy_policy": m["accuracy_policy"], "macro_auc": m["macro_auc"],
@@ -228,8 +227,8 @@ def outside_shares(heatmaps: np.ndarray, zones: ZoneConfig = ZoneConfig()) -> np
 
 def evidence_audit(predictor: Predictor, records: list[ImageRecord], pixels: np.ndarray) -> dict:
     classes = predictor.classes
-    probs = softmax(predictor.logits_from_pixels(pixels), predictor.manifest.temperature)
-    decisions = predictor.manifest.policy.decide_indices(probs)
+    scores = predictor.score(pixels)
+    probs, decisions = scores.probabilities, scores.decisions
     zones = ZoneConfig()
     top, bottom, left, right = chest_box(pixels.shape[1:], zones)
     uniform = 1 - (bottom - top) * (right - left) / float(pixels.shape[1] * pixels.shape[2])
