@@ -164,6 +164,10 @@ def _model_class():
             try:
                 response = await self.client.get(f"{self.settings.torchserve_url}/ping", timeout=5,
                                                  headers=self._auth_headers())
+                if response.status_code in (400, 401):  # /ping takes no input: this is the token
+                    await self._refresh_token()  # a rotated or expired token is not an unhealthy server
+                    response = await self.client.get(f"{self.settings.torchserve_url}/ping", timeout=5,
+                                                     headers=self._auth_headers())
                 healthy = self.ready and response.status_code == 200
             except httpx.HTTPError:
                 healthy = False
@@ -267,16 +271,26 @@ def _model_class():
             else:
                 content, outgoing["content-type"] = json.dumps(body).encode(), "application/json"
             url = f"{self.settings.torchserve_url}{path}"
-            for attempt in (0, 1):
+            refreshed = reconnected = False
+            while True:
                 try:
                     response = await self.client.post(url, content=content, headers={**outgoing, **self._auth_headers()})
                 except httpx.TimeoutException:
                     raise FrontError(504, {"error": "the model server did not answer in time",
                                            "code": "model_server_timeout"}) from None
+                except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+                    # a pooled keep-alive connection TorchServe had closed (it closes after some of its
+                    # own refusals): the request never reached a handler, so one retry is safe
+                    if not reconnected:
+                        reconnected = True
+                        continue
+                    raise FrontError(503, {"error": f"the model server is unreachable ({type(exc).__name__})",
+                                           "code": "model_server_unavailable"}) from None
                 except httpx.HTTPError as exc:
                     raise FrontError(503, {"error": f"the model server is unreachable ({type(exc).__name__})",
                                            "code": "model_server_unavailable"}) from None
-                if attempt == 0 and response.status_code in (400, 401) and b"InvalidKeyException" in response.content:
+                if not refreshed and response.status_code in (400, 401) and b"InvalidKeyException" in response.content:
+                    refreshed = True
                     await self._refresh_token()
                     continue
                 break
