@@ -10,7 +10,6 @@ pass/fail and what was observed (statuses, shapes, labels), never image data.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
+from serving.report_cli import bundle_report_parser
 from serving.schemas import MODEL_NAME
 
 
@@ -167,11 +167,7 @@ def run_checks(front_url: str, api_key: str, image: bytes, model_version: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.conformance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/cxr3"))
-    parser.add_argument("--out", type=Path, default=Path("reports/serving/conformance.json"))
-    parser.add_argument("--bundle-name", default=None, help="how the report names the bundle (default: its path)")
+    parser = bundle_report_parser("python -m serving.conformance", __doc__, "reports/serving/conformance.json")
     args = parser.parse_args(argv)
     import secrets
 

@@ -11,7 +11,6 @@ must be input errors, code ``truncated``). The goal: real <= 1%, every garbage k
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import struct
@@ -22,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from serving.report_cli import bundle_report_parser
 
 NATURAL_PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "brick", "grass", "gravel", "horse",
                   "hubble_deep_field", "immunohistochemistry", "page", "text", "clock", "coins", "moon", "retina",
@@ -131,11 +132,7 @@ def measure(predictor, real: list[bytes], kinds: dict[str, list[bytes]], chunk: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.gate_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/cxr3"))
-    parser.add_argument("--out", type=Path, default=Path("reports/serving/gate.json"))
-    parser.add_argument("--bundle-name", default=None, help="how the report names the bundle (default: its path)")
+    parser = bundle_report_parser("python -m serving.gate_report", __doc__, "reports/serving/gate.json")
     args = parser.parse_args(argv)
     from cxr_core.bundle import load_bundle
 
