@@ -176,28 +176,17 @@ class Predictor:
                     if self.gate is not None else [None] * len(flags))
         results = []
         for row_raw, row_cal, quality, verdict in zip(raw, calibrated, flags, verdicts):
-            concern = quality.underexposed or quality.overexposed or quality.low_contrast
+            probabilities_raw = {c: float(p) for c, p in zip(self.classes, row_raw)}
+            probabilities = {c: float(p) for c, p in zip(self.classes, row_cal)}
             if verdict is not None and not verdict.gradable:  # no diagnosis: human review
-                results.append(Prediction(
-                    classes=self.classes, probabilities_raw={c: float(p) for c, p in zip(self.classes, row_raw)},
-                    probabilities={c: float(p) for c, p in zip(self.classes, row_cal)},
-                    decision=Decision(label=UNGRADABLE, index=-1, fired_class=None, threshold=None, triage="review",
-                                      gray_zone=[]),
-                    quality=quality, gate=verdict))
-                continue
-        for row_raw, row_cal, quality in zip(raw, calibrated, flags):
-            concern = (quality.underexposed or quality.overexposed or quality.low_contrast
-                       or quality.lung_segmentation_failed)
-            results.append(
-                Prediction(
-                    classes=self.classes,
-                    probabilities_raw={c: float(p) for c, p in zip(self.classes, row_raw)},
-                    probabilities={c: float(p) for c, p in zip(self.classes, row_cal)},
-                    decision=self.manifest.policy.decide(row_cal, quality_concern=concern),
-                    quality=quality,
-                    gate=verdict,
-                )
-            )
+                decision = Decision(label=UNGRADABLE, index=-1, fired_class=None, threshold=None, triage="review",
+                                    gray_zone=[])
+            else:
+                concern = (quality.underexposed or quality.overexposed or quality.low_contrast
+                           or quality.lung_segmentation_failed)
+                decision = self.manifest.policy.decide(row_cal, quality_concern=concern)
+            results.append(Prediction(classes=self.classes, probabilities_raw=probabilities_raw,
+                                      probabilities=probabilities, decision=decision, quality=quality, gate=verdict))
         return results
 
     def predict_bytes(self, data: bytes) -> Prediction:

@@ -81,3 +81,16 @@ def test_gate_refit_command(monitoring_bundle, data_dir, tmp_path, capsys):
     assert after["n_fit"] == 90 != before["n_fit"] and set(after["refusal_rates"]) == {"val", "test"}
     assert json.loads(capsys.readouterr().out)["ood_threshold"] == after["ood_threshold"]
     assert load_bundle(bundle).gate.config.n_fit == 90
+
+
+def test_a_mixed_batch_keeps_one_answer_per_image_in_order(monitoring_bundle, grays, real_test):
+    """A refused image in a batch must not shift the answers of the others (it once produced N+1)."""
+    predictor = load_bundle(monitoring_bundle)
+    blank = garbage_kinds(grays)["all_black"][0]
+    batch = [real_test[0], blank, real_test[1], blank]
+    answers = predictor.predict_many(batch)
+    assert len(answers) == len(batch)
+    assert [answer.decision.label == UNGRADABLE for answer in answers] == [
+        not predictor.predict_bytes(real_test[0]).gradable, True, not predictor.predict_bytes(real_test[1]).gradable, True]
+    for position in (0, 2):
+        assert answers[position].decision == predictor.predict_bytes(batch[position]).decision
