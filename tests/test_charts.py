@@ -651,3 +651,67 @@ def test_audit_log_claim_is_created_and_mounted_by_predictor_and_drift():
     assert env_of(container)["CXR_FEEDBACK_DB"] == "/var/log/cxr-screen/feedback.db"
     existing = validate.render_chart({"auditLog": {"existingClaim": "hospital-audit"}})
     assert not [c for c in existing.of_kind("PersistentVolumeClaim") if c["metadata"]["name"].endswith("audit-log")]
+
+
+# --- generated secrets: made by a hook at install, never at render time ------------------------
+
+HOOK = "cxr-screen-secrets"
+
+
+def _hook_objects(chart: validate.RenderedChart) -> dict[str, dict]:
+    return {obj["kind"]: obj for obj in chart.objects
+            if (obj["metadata"].get("annotations") or {}).get("helm.sh/hook")}
+
+
+def test_two_renders_are_byte_identical():
+    with helm_python.Chart.load(str(validate.CHART_DIR)) as chart:
+        first = chart.render({}, name=validate.RELEASE_NAME, namespace=validate.NAMESPACE)
+        second = chart.render({}, name=validate.RELEASE_NAME, namespace=validate.NAMESPACE)
+    assert first == second
+
+
+def test_no_secret_with_generated_data_is_rendered():
+    for name in CI_FILES:
+        assert rendered(name).of_kind("Secret") == [], name
+
+
+def test_secrets_hook_job_and_minimal_rbac_with_hook_annotations():
+    hooks = _hook_objects(rendered("default"))
+    assert set(hooks) == {"ServiceAccount", "Role", "RoleBinding", "Job"}
+    for kind, obj in hooks.items():
+        notes = obj["metadata"]["annotations"]
+        assert notes["helm.sh/hook"] == "pre-install,pre-upgrade", kind
+        assert notes["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", kind
+        assert obj["metadata"]["name"] == HOOK, kind
+    weight = {k: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for k, o in hooks.items()}
+    assert max(weight["ServiceAccount"], weight["Role"], weight["RoleBinding"]) < weight["Job"]
+    rules = hooks["Role"]["rules"]
+    assert rules == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": ["cxr-screen-api-keys", "cxr-screen-postgresql"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    pod = hooks["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == HOOK and pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "cxr-screen/jobs:" + yaml.safe_load(
+        (validate.CHART_DIR / "Chart.yaml").read_text())["appVersion"]
+    assert container["command"][:3] == ["python", "-m", "charts.secrets"]
+    assert "cxr-screen-api-keys/api-keys=default:{token}" in container["args"]
+    assert "cxr-screen-postgresql/password={token}" in container["args"]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_existing_secret_switches_generation_off_for_that_secret():
+    api_own = validate.render_chart({"inferenceService": {"apiKey": {"existingSecret": "hospital-keys"}}})
+    args = _hook_objects(api_own)["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if "api-keys" in a or "hospital-keys" in a]
+    assert _hook_objects(api_own)["Role"]["rules"][0]["resourceNames"] == ["cxr-screen-postgresql"]
+    both = validate.render_chart({"inferenceService": {"apiKey": {"existingSecret": "hospital-keys"}},
+                                  "postgresql": {"auth": {"existingSecret": "hospital-pg"}}})
+    assert _hook_objects(both) == {}
+    assert _hook_objects(rendered("production")) == {}
