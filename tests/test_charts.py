@@ -244,7 +244,6 @@ FEATURE_OBJECTS = {
         ("NetworkPolicy", "cxr-screen-mlflow"),
         ("StatefulSet", "cxr-screen-postgresql"),
         ("Service", "cxr-screen-postgresql"),
-        ("Secret", "cxr-screen-postgresql"),
         ("NetworkPolicy", "cxr-screen-postgresql"),
         ("PersistentVolumeClaim", "cxr-screen-mlflow-artifacts"),
     ],
@@ -258,7 +257,6 @@ FEATURE_OBJECTS = {
     "no-sweep": [("RayJob", "cxr-screen-sweep")],
     "no-inference": [
         ("InferenceService", "cxr-screen"),
-        ("Secret", "cxr-screen-api-keys"),
         ("ServingRuntime", "cxr-screen-torchserve"),
         ("NetworkPolicy", "cxr-screen-predictor"),
         ("ServiceAccount", "cxr-screen-predictor"),
@@ -512,9 +510,8 @@ def _pods(obj):
 
 def test_default_generates_an_api_key_secret_the_predictor_reads():
     chart = rendered("default")
-    secret = one(chart, "Secret", "cxr-screen-api-keys")
-    caller, _, key = base64.b64decode(secret["data"]["api-keys"]).decode().partition(":")
-    assert caller == "default" and len(key) == 40
+    (job,) = [j for j in chart.of_kind("Job") if j["metadata"]["name"] == "cxr-screen-secrets"]
+    assert "cxr-screen-api-keys/api-keys=default:{token}" in job["spec"]["template"]["spec"]["containers"][0]["args"]
     model = one(chart, "InferenceService")["spec"]["predictor"]["model"]
     assert env_of(model)["CXR_API_KEYS"] == {"secretKeyRef": {"name": "cxr-screen-api-keys", "key": "api-keys"}}
 
