@@ -404,11 +404,11 @@ def test_drift_cronjob_command_thresholds_and_least_rbac():
     assert thresholds == {"--psi-threshold": 0.2, "--class-share-threshold": 0.15, "--ece-threshold": 0.1}
     assert env_of(container)["CXR_RAYJOB_TEMPLATE"] == "/etc/cxr-screen/rayjob/rayjob.yaml"
     assert pod["serviceAccountName"] == "cxr-screen-drift"
-    role = one(chart, "Role")
+    role = one(chart, "Role", "cxr-screen-drift-rayjobs")
     assert role["rules"] == [
         {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}
     ]
-    binding = one(chart, "RoleBinding")
+    binding = one(chart, "RoleBinding", "cxr-screen-drift-rayjobs")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "cxr-screen-drift", "namespace": validate.NAMESPACE}

@@ -9,6 +9,7 @@ server-side dry-run Pods instead.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -150,6 +151,68 @@ def controller_pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, A
     return specs
 
 
+# --- hooks: no kubelet, so a hook Job would never complete ---------------------------------------
+# helm-python-sdk's install / upgrade wait for a hook Job to finish; with no kubelet its pod stays
+# Pending and the install would time out. So the tests install with hooks disabled
+# (`disable_hooks`, passed to helm-c-sdk's options as `helm install --no-hooks` does) and stand in
+# for the hook themselves: they create the hook's rendered ServiceAccount / Role / RoleBinding as
+# Helm would, mint that ServiceAccount a token (TokenRequest, as the kubelet would) and run the
+# hook container's command, `python -m charts.secrets`, as a local process with it.
+
+
+def _release_call(helm, action: str, values: dict[str, Any], namespace: str, timeout: int = 120) -> dict[str, Any]:
+    from helm_python import _native
+    from helm_python.config import _loads_obj, _opts
+
+    handle, ref = helm._chart_args(str(validate.CHART_DIR))
+    payload = _native.call_string(f"helm_{action}", helm._raw(), helm._context_arg(None), handle, ref, RELEASE,
+                                  json.dumps(values), _opts(namespace=namespace, timeout_seconds=timeout,
+                                                            disable_hooks=True))
+    return _loads_obj(payload)
+
+
+def hook_objects(values: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    chart = validate.render_chart(values, namespace=namespace)
+    return [o for o in chart.objects if (o["metadata"].get("annotations") or {}).get("helm.sh/hook")]
+
+
+def run_secrets_hook(cluster: Cluster, values: dict[str, Any], namespace: str, tmp_path: Path) -> list[dict]:
+    """What the pre-install / pre-upgrade hook does, as the hook's own ServiceAccount."""
+    hooks = hook_objects(values, namespace)
+    (job,) = [o for o in hooks if o["kind"] == "Job"]
+    with rest(cluster) as kube:
+        for obj in (o for o in hooks if o["kind"] != "Job"):
+            url = f"{collection(obj, namespace)}/{obj['metadata']['name']}"
+            kube.delete(url)  # before-hook-creation
+            response = kube.post(collection(obj, namespace), json=obj)
+            assert response.status_code == 201, response.text
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    account = job["spec"]["template"]["spec"]["serviceAccountName"]
+    kubeconfig = service_account_kubeconfig(cluster, namespace, account, tmp_path / f"hook-{uuid.uuid4().hex[:6]}")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "KUBECONFIG": str(kubeconfig),
+           **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
+    command = [sys.executable if part == "python" else part for part in container["command"]]
+    done = subprocess.run([*command, *container["args"]], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def install(cluster: Cluster, helm, values: dict[str, Any], namespace: str, tmp_path: Path) -> dict[str, Any]:
+    run_secrets_hook(cluster, values, namespace, tmp_path)
+    return _release_call(helm, "install", values, namespace)
+
+
+def upgrade(cluster: Cluster, helm, values: dict[str, Any], namespace: str, tmp_path: Path) -> dict[str, Any]:
+    run_secrets_hook(cluster, values, namespace, tmp_path)
+    return _release_call(helm, "upgrade", values, namespace)
+
+
+def secret_data(kube: httpx.Client, namespace: str, name: str) -> dict[str, str]:
+    response = kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
 # --- the tests -----------------------------------------------------------------------------------
 
 
@@ -165,13 +228,13 @@ def test_cluster_has_a_ready_node_the_crds_and_started_quickly(kube_cluster):
 
 
 @pytest.mark.parametrize("name", CI_FILES)
-def test_helm_install_in_a_restricted_namespace_admits_and_binds_every_pod(kube_cluster, name):
+def test_helm_install_in_a_restricted_namespace_admits_and_binds_every_pod(kube_cluster, name, tmp_path):
     values = yaml.safe_load((CI_DIR / name).read_text()) or {}
     namespace = restricted_namespace(kube_cluster, "ci-" + name.removesuffix("-values.yaml"))
     with rest(kube_cluster) as kube, helm_config(kube_cluster, namespace) as helm:
         for claim in sorted(claims_named_in(values)):
             create_claim(kube, namespace, claim)
-        release = helm.install(str(validate.CHART_DIR), RELEASE, values, namespace=namespace, timeout=120)
+        release = install(kube_cluster, helm, values, namespace, tmp_path)
         assert helm.status(RELEASE)["status"] == "deployed"
         objects = manifest_objects(release)
         for obj in objects:  # the API server holds every object the chart rendered
@@ -196,17 +259,19 @@ def workers_of(deployment: dict[str, Any]) -> str:
     return args[args.index("--workers") + 1]
 
 
-def test_upgrade_keeps_generated_secrets_rollback_restores_and_uninstall_leaves_only_kept(kube_cluster):
+def test_upgrade_keeps_generated_secrets_rollback_restores_and_uninstall_leaves_only_kept(kube_cluster, tmp_path):
     namespace = restricted_namespace(kube_cluster, "lifecycle")
+    secrets = [f"{RELEASE}-api-keys", f"{RELEASE}-postgresql"]
     with rest(kube_cluster) as kube, helm_config(kube_cluster, namespace) as helm:
-        first = helm.install(str(validate.CHART_DIR), RELEASE, {}, namespace=namespace, timeout=120)
-        secrets = [o["metadata"]["name"] for o in manifest_objects(first) if o["kind"] == "Secret"]
-        assert secrets, "the default install generates its Secrets"
-        before = {n: kube.get(f"/api/v1/namespaces/{namespace}/secrets/{n}").json()["data"] for n in secrets}
+        first = install(kube_cluster, helm, {}, namespace, tmp_path)
+        assert not [o for o in manifest_objects(first) if o["kind"] == "Secret"]  # none rendered
+        before = {n: secret_data(kube, namespace, n) for n in secrets}
+        caller, _, key = base64.b64decode(before[secrets[0]]["api-keys"]).decode().partition(":")
+        assert caller == "default" and len(key) >= 40
+        assert len(base64.b64decode(before[secrets[1]]["password"])) >= 40
 
-        helm.upgrade(str(validate.CHART_DIR), RELEASE, {"mlflow": {"workers": 3}}, namespace=namespace, timeout=120)
-        after = {n: kube.get(f"/api/v1/namespaces/{namespace}/secrets/{n}").json()["data"] for n in secrets}
-        assert after == before
+        upgrade(kube_cluster, helm, {"mlflow": {"workers": 3}}, namespace, tmp_path)
+        assert {n: secret_data(kube, namespace, n) for n in secrets} == before
         mlflow = [o for o in manifest_objects(first) if o["kind"] == "Deployment"
                   and o["metadata"]["labels"].get("app.kubernetes.io/component") == "mlflow"][0]
         path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{mlflow['metadata']['name']}"
@@ -215,7 +280,7 @@ def test_upgrade_keeps_generated_secrets_rollback_restores_and_uninstall_leaves_
         helm.rollback(RELEASE, version=1, timeout=120)
         assert helm.status(RELEASE)["revision"] == 3
         assert workers_of(kube.get(path).json()) == workers_of(mlflow) == "2"
-        assert {n: kube.get(f"/api/v1/namespaces/{namespace}/secrets/{n}").json()["data"] for n in secrets} == before
+        assert {n: secret_data(kube, namespace, n) for n in secrets} == before
 
         objects = manifest_objects(first)
         helm.uninstall(RELEASE, timeout=120)
@@ -225,15 +290,42 @@ def test_upgrade_keeps_generated_secrets_rollback_restores_and_uninstall_leaves_
             status = kube.get(f"{collection(obj, namespace)}/{obj['metadata']['name']}").status_code
             key = (obj["kind"], obj["metadata"]["name"])
             assert status == (200 if key in kept else 404), f"{key}: {status}"
-        assert ("Secret", secrets[0]) in kept
+        for name in secrets:  # the hook's Secrets are not the release's: uninstall leaves them
+            response = kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+            assert response.status_code == 200
+            assert response.json()["metadata"]["annotations"][KEEP] == "keep"
+            assert response.json()["data"] == before[name]
+
+
+def test_secrets_hook_account_may_read_only_its_secrets_and_create(kube_cluster, tmp_path):
+    namespace = restricted_namespace(kube_cluster, "hook")
+    first = run_secrets_hook(kube_cluster, {}, namespace, tmp_path)
+    assert [(r["secret"], r["action"]) for r in first] == [
+        (f"{RELEASE}-api-keys", "created"), (f"{RELEASE}-postgresql", "created")]
+    assert all("value" not in r and "data" not in r for r in first)
+    with rest(kube_cluster) as kube:
+        before = {r["secret"]: secret_data(kube, namespace, r["secret"]) for r in first}
+        second = run_secrets_hook(kube_cluster, {}, namespace, tmp_path)
+        assert [r["action"] for r in second] == ["kept", "kept"]
+        assert {r["secret"]: secret_data(kube, namespace, r["secret"]) for r in first} == before
+    user = f"system:serviceaccount:{namespace}:{RELEASE}-secrets"
+    for name in before:
+        assert can(kube_cluster, user, "get", "secrets", namespace, resource_name=name)
+    assert can(kube_cluster, user, "create", "secrets", namespace)
+    denied = [("get", "secrets", "other"), ("list", "secrets", ""), ("watch", "secrets", ""),
+              ("update", "secrets", f"{RELEASE}-postgresql"), ("patch", "secrets", f"{RELEASE}-api-keys"),
+              ("delete", "secrets", f"{RELEASE}-api-keys"), ("create", "pods", ""), ("get", "configmaps", "")]
+    for verb, resource, name in denied:
+        assert not can(kube_cluster, user, verb, resource, namespace, resource_name=name), (verb, name)
+    assert not can(kube_cluster, user, "create", "secrets", "default")
 
 
 @pytest.fixture(scope="module")
-def installed(kube_cluster):
+def installed(kube_cluster, tmp_path_factory):
     """The default install in its own restricted namespace, for RBAC, the trigger and dry runs."""
     namespace = restricted_namespace(kube_cluster, "release")
     with helm_config(kube_cluster, namespace) as helm:
-        release = helm.install(str(validate.CHART_DIR), RELEASE, {}, namespace=namespace, timeout=120)
+        release = install(kube_cluster, helm, {}, namespace, tmp_path_factory.mktemp("hook"))
     objects = manifest_objects(release)
     (account,) = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"
                   and o["metadata"]["labels"].get("app.kubernetes.io/component") == "drift"]
@@ -241,14 +333,14 @@ def installed(kube_cluster):
 
 
 def can(cluster: Cluster, user: str, verb: str, resource: str, namespace: str, group: str = "",
-        subresource: str = "") -> bool:
+        subresource: str = "", resource_name: str = "") -> bool:
     """SelfSubjectAccessReview, sent as ``user`` (impersonation)."""
     with rest(cluster) as kube:
         response = kube.post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", headers={
             "Impersonate-User": user, "Impersonate-Group": "system:serviceaccounts"}, json={
             "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {
                 "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group, "resource": resource,
-                                       "subresource": subresource}}})
+                                       "subresource": subresource, "name": resource_name}}})
         assert response.status_code == 201, response.text
         return response.json()["status"]["allowed"]
 
