@@ -179,7 +179,10 @@ def hook_objects(values: dict[str, Any], namespace: str) -> list[dict[str, Any]]
 def run_secrets_hook(cluster: Cluster, values: dict[str, Any], namespace: str, tmp_path: Path) -> list[dict]:
     """What the pre-install / pre-upgrade hook does, as the hook's own ServiceAccount."""
     hooks = hook_objects(values, namespace)
-    (job,) = [o for o in hooks if o["kind"] == "Job"]
+    jobs = [o for o in hooks if o["kind"] == "Job"]
+    if not jobs:  # every Secret is the user's own (existingSecret): no hook is rendered
+        return []
+    (job,) = jobs
     with rest(cluster) as kube:
         for obj in (o for o in hooks if o["kind"] != "Job"):
             url = f"{collection(obj, namespace)}/{obj['metadata']['name']}"
