@@ -37,3 +37,38 @@ def test_shipped_champion_is_small_traceable_and_answers(data_dir):
     assert sum(a.gradable for a in answers[:3]) >= 2
     assert isinstance(answers[3], InputError)  # a broken header is an input error, not a diagnosis
     assert abs(sum(answers[0].probabilities.values()) - 1) < 1e-5
+
+
+def test_shipped_champion_explains_on_the_original_image(data_dir):
+    """Grad-CAM of the decided class, mapped back through the lung crop onto the image the hospital sent."""
+    from PIL import Image
+
+    from cxr_core.explain import explain_image
+
+    predictor = load_bundle(SHIPPED)
+    path = next((data_dir / "test" / "tuberculosis").glob("*.jpg"))
+    with Image.open(path) as original:
+        width, height = original.size
+    prediction, explanation = explain_image(predictor, path.read_bytes())
+    assert explanation.target_class == prediction.decision.label
+    assert explanation.heatmap.shape == (height, width) and explanation.heatmap.max() > 0
+    assert 0.0 <= explanation.shares.outside_chest <= 1.0
+
+
+def test_shipped_champion_refuses_radiograph_corners_and_photographs(data_dir):
+    """Cropped to a 'lung box', a corner of a radiograph can pass for lung tissue; its failed lung
+    segmentation is the tell (the gate's lungs_not_found rule). Not one gets a diagnosis."""
+    import numpy as np
+    from PIL import Image
+
+    from serving.gate_report import garbage_kinds
+
+    predictor = load_bundle(SHIPPED)
+    assert predictor.gate.config.lung_failure_threshold is not None
+    assert predictor.gate.config.refusal_rates["val"] <= 0.01 and predictor.gate.config.refusal_rates["test"] <= 0.01
+    grays = [np.asarray(Image.open(p).convert("L")) for p in sorted((data_dir / "test").glob("*/*.jpg"))[::97][:6]]
+    kinds = garbage_kinds(grays)
+    for kind in ("radiograph_corner", "natural_photo"):
+        answers = predictor.predict_many(kinds[kind])
+        diagnosed = [a.decision.label for a in answers if not isinstance(a, InputError) and a.gradable]
+        assert diagnosed == [], (kind, diagnosed)
