@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,10 +71,16 @@ train-all: mlflow ## every family on the full data -> reports/train-all/summary.
 sweep: mlflow ## Ray Tune sweep (SWEEP_BUDGET=small|full, SWEEP_OBJECTIVE=validation|worst_source) -> registered champion, reports/sweep/leaderboard.{json,md}
 	$(PY) -m training.sweep --budget $(SWEEP_BUDGET) --data-dir $(DATA_DIR) --report-dir $(REPORTS)/sweep
 
-champion: mlflow ## run a small sweep only if no champion is registered yet
+champion: mlflow ## register the shipped champion (models/champion) if none is registered yet; else a small sweep when none ships
 	@$(PY) -c "from training.registry import alias_version; import sys; sys.exit(0 if alias_version('champion') else 1)" \
 		&& echo "champion: models:/cxr-screen@champion exists" \
-		|| $(PY) -m training.sweep --budget small --data-dir $(DATA_DIR) --report-dir runs/sweep-report
+		|| { if [ -f models/champion/bundle.json ]; then $(PY) -m training.registry register-shipped --bundle models/champion --report $(REPORTS)/model/champion.json; \
+		     else $(PY) -m training.sweep --budget small --data-dir $(DATA_DIR) --report-dir runs/sweep-report; fi; }
+
+CHAMPION_BUNDLE ?= models/champion
+LOSO_REPORT ?=
+model-report: install ## the champion's report card (per source, population, NIH view; issue-13 targets) -> reports/model/champion.{json,md}
+	$(PY) -m training.model_report --bundle $(CHAMPION_BUNDLE) --data-dir $(DATA_DIR) --out $(REPORTS)/model $(if $(LOSO_REPORT),--loso $(LOSO_REPORT))
 
 promote: mlflow ## make promote VERSION=n: champion -> n, old champion -> previous
 	$(PY) -m training.registry promote --version $(VERSION)

@@ -60,6 +60,12 @@ class GateConfig(BaseModel):
     scales: dict[str, float] = Field(description="per space: the validation 95th percentile of its OOD score")
     ood_threshold: float = Field(description="limit of the combined score max_space(score / scale), set as the "
                                              "(1 - target_refusal) quantile of validation")
+    lung_failure_threshold: float | None = Field(None, description=(
+        "bundles that crop to the lung fields: an image whose lungs could not be found is refused when its "
+        "combined score passes this lower limit (a corner of a radiograph or a photograph, cropped to a "
+        "'lung box', can look like lung tissue; the failed segmentation is the tell). Set on validation: "
+        "the failed images take at most lung_failure_budget_share of the refusal budget"))
+    lung_failure_budget_share: float = Field(0.5, ge=0, le=1)
     target_refusal: float = 0.01
     refusal_rates: dict[str, float] = Field({}, description="share refused per split when fitted")
     n_fit: int = 0
@@ -80,6 +86,8 @@ REASONS = {
     "aspect_ratio": "the image is a strip (aspect ratio beyond any chest detector)",
     "colour_photo": "the image is a colour photograph, not a radiograph",
     "not_a_chest_radiograph": "the image does not look like the chest radiographs the model was trained on",
+    "lungs_not_found": "no lung fields were found and the image looks unlike the chest radiographs the model was "
+                       "trained on",
 }
 
 
@@ -178,12 +186,14 @@ class Gate:
         return relative.max(axis=1), scores
 
     def verdicts(self, predictor, pixels: np.ndarray, aspect_ratios: list[float],
-                 colourfulness: list[float] | None = None) -> list[GateVerdict]:
+                 colourfulness: list[float] | None = None,
+                 lung_failed: list[bool] | None = None) -> list[GateVerdict]:
         """One verdict per prepared image; the first failing check names the reason."""
         pixels = np.asarray(pixels)
         std, noise = image_statistics(pixels)
         combined, scores = self.combined(predictor, pixels)
         colourfulness = colourfulness or [0.0] * len(pixels)
+        lung_failed = lung_failed or [False] * len(pixels)
         config = self.config
         verdicts = []
         for index, aspect in enumerate(aspect_ratios):
@@ -201,6 +211,9 @@ class Gate:
                 code = "colour_photo"
             elif combined[index] > config.ood_threshold:
                 code = "not_a_chest_radiograph"
+            elif (lung_failed[index] and config.lung_failure_threshold is not None
+                  and combined[index] > config.lung_failure_threshold):
+                code = "lungs_not_found"
             verdicts.append(GateVerdict(gradable=code is None, code=code, reason=REASONS.get(code or ""), scores=row))
         return verdicts
 
@@ -217,28 +230,57 @@ class Gate:
 
 
 def fit_gate(predictor, train_pixels: np.ndarray, val_pixels: np.ndarray, target_refusal: float = 0.01,
-             extra_splits: dict[str, np.ndarray] | None = None) -> Gate:
+             extra_splits: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+             val_lung_failed: np.ndarray | None = None) -> Gate:
     """Fit on the training images, set thresholds on validation (``target_refusal`` in all)."""
     scorers = {"model_features": PpcaScore.fit(model_features(predictor, train_pixels), max_components=16),
                "thumbnail": PpcaScore.fit(thumbnails(train_pixels), max_components=48)}
     provisional = Gate(GateConfig(scales={space: 1.0 for space in SPACES}, ood_threshold=float("inf")), scorers)
     val_scores = provisional.scores(predictor, val_pixels)
     scales = {space: float(np.quantile(val_scores[space], 0.95)) for space in SPACES}
-    provisional.config.scales = scales
-    combined, _ = provisional.combined(predictor, val_pixels)
-    # the image-statistics rules refuse too: leave them their share of the budget
-    std, noise = image_statistics(val_pixels)
-    by_rules = float(np.mean((std < provisional.config.min_std) | (noise > provisional.config.max_noise)))
-    quantile = 1.0 - max(target_refusal - by_rules, target_refusal / 4)
-    threshold = float(np.quantile(combined, quantile, method="higher"))  # refuses at most the budget
-    gate = Gate(GateConfig(scales=scales, ood_threshold=threshold,
-                           target_refusal=target_refusal, n_fit=len(train_pixels)), scorers)
+    gate = Gate(GateConfig(scales=scales, ood_threshold=float("inf"), target_refusal=target_refusal,
+                           n_fit=len(train_pixels)), scorers)
+    set_thresholds(gate, predictor, val_pixels, val_lung_failed)
     rates = {}
-    for name, pixels in {"val": val_pixels, **(extra_splits or {})}.items():
+    for name, (pixels, failed) in {"val": (val_pixels, val_lung_failed), **(extra_splits or {})}.items():
         square = [1.0] * len(pixels)  # prepared pixels are square; aspect is checked on the original
-        rates[name] = round(float(np.mean([not v.gradable for v in gate.verdicts(predictor, pixels, square)])), 4)
+        flags = None if failed is None else [bool(f) for f in failed]
+        rates[name] = round(float(np.mean([not v.gradable for v in gate.verdicts(predictor, pixels, square, None, flags)])), 4)
     gate.config.refusal_rates = rates
     return gate
+
+
+def set_thresholds(gate: Gate, predictor, val_pixels: np.ndarray, val_lung_failed: np.ndarray | None = None) -> None:
+    """Set the OOD limits on validation radiographs so that all rules together refuse at most the budget.
+
+    The image-statistics rules take their share first; where the bundle crops to the lungs and
+    some validation images' lungs were not found, those images get ``lung_failure_budget_share``
+    of what is left under a lower limit (only failed images can be refused by it), the rest goes
+    to the plain OOD limit. Scorers and scales are not touched, so a bundle's thresholds can be
+    re-set without refitting (:func:`main` ``thresholds``).
+    """
+    config = gate.config
+    combined, _ = gate.combined(predictor, val_pixels)
+    std, noise = image_statistics(val_pixels)
+    by_rules = float(np.mean((std < config.min_std) | (noise > config.max_noise)))
+    budget = max(config.target_refusal - by_rules, config.target_refusal / 4)
+    failed = np.zeros(len(combined), bool) if val_lung_failed is None else np.asarray(val_lung_failed, bool)
+    lung_share = config.lung_failure_budget_share if failed.any() else 0.0
+    config.ood_threshold = float(np.quantile(combined, 1.0 - budget * (1.0 - lung_share), method="higher"))
+    config.lung_failure_threshold = None
+    if lung_share > 0:
+        candidates = np.sort(combined[failed & (combined <= config.ood_threshold)])[::-1]
+        allowed = int(lung_share * budget * len(combined))
+        config.lung_failure_threshold = float(candidates[allowed]) if allowed < len(candidates) else 0.0
+
+
+def lung_failures(records, preprocess) -> np.ndarray | None:
+    """Per record: were its lung fields not found? None when the bundle does not crop to the lungs."""
+    if preprocess.lung_fields == "none":
+        return None
+    from cxr_core.preprocess import prepare_image
+
+    return np.asarray([prepare_image(r.path.read_bytes(), preprocess).flags.lung_segmentation_failed for r in records])
 
 
 def attach_gate(bundle_dir: Path | str, gate: Gate) -> None:
@@ -252,32 +294,51 @@ def attach_gate(bundle_dir: Path | str, gate: Gate) -> None:
     (bundle_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n")
 
 
-def split_pixels(data_dir: Path, preprocess, split: str, limit: int | None = None, exclusions=None) -> np.ndarray:
-    """Prepared pixels of one split (through the training cache)."""
+def split_arrays(data_dir: Path, preprocess, split: str, limit: int | None = None, exclusions=None):
+    """Prepared pixels and records of one split (through the training cache)."""
     from training.config import SubsetConfig
     from training.datasets import load_split, open_dataset
 
     dataset = open_dataset(Path(data_dir), exclusions)
-    return load_split(dataset, split, preprocess, SubsetConfig(**{split: limit}), 0).pixels
+    return load_split(dataset, split, preprocess, SubsetConfig(**{split: limit}), 0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cxr_core.gate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit the gate of a bundle on its training data and store it in the bundle")
-    fit.add_argument("--bundle", type=Path, required=True)
-    fit.add_argument("--data-dir", type=Path, default=None, help="default: the bundle's provenance data_dir")
-    fit.add_argument("--target-refusal", type=float, default=0.01)
-    fit.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick fits)")
+    thresholds = sub.add_parser("thresholds", help="re-set only the limits of a bundle's fitted gate on validation "
+                                                   "(after a rule change; scorers untouched)")
+    for command in (fit, thresholds):
+        command.add_argument("--bundle", type=Path, required=True)
+        command.add_argument("--data-dir", type=Path, default=None, help="default: the bundle's provenance data_dir")
+        command.add_argument("--target-refusal", type=float, default=0.01)
+        command.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick fits)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from cxr_core.bundle import load_bundle
 
-    predictor = load_bundle(args.bundle, gate=False)  # refit: whatever gate it had is replaced
+    keep_gate = args.command == "thresholds"
+    predictor = load_bundle(args.bundle, gate=keep_gate)  # fit: whatever gate it had is replaced
     data_dir = args.data_dir or Path(predictor.manifest.provenance.data_dir)
     preprocess = predictor.manifest.preprocess
-    pixels = {split: split_pixels(data_dir, preprocess, split, args.limit) for split in ("train", "val", "test")}
-    gate = fit_gate(predictor, pixels["train"], pixels["val"], args.target_refusal, {"test": pixels["test"]})
+    splits = {split: split_arrays(data_dir, preprocess, split, args.limit) for split in ("val", "test")
+              + (() if keep_gate else ("train",))}
+    failed = {name: lung_failures(split.records, preprocess) for name, split in splits.items()}
+    if keep_gate:
+        if predictor.gate is None:
+            raise SystemExit(f"{args.bundle} has no fitted gate: run 'fit' first")
+        gate = predictor.gate
+        gate.config.target_refusal = args.target_refusal
+        set_thresholds(gate, predictor, splits["val"].pixels, failed["val"])
+        gate.config.refusal_rates = {
+            name: round(float(np.mean([not v.gradable for v in gate.verdicts(
+                predictor, split.pixels, [1.0] * len(split.pixels), None,
+                None if failed[name] is None else [bool(f) for f in failed[name]])])), 4)
+            for name, split in splits.items()}
+    else:
+        gate = fit_gate(predictor, splits["train"].pixels, splits["val"].pixels, args.target_refusal,
+                        {"test": (splits["test"].pixels, failed["test"])}, val_lung_failed=failed["val"])
     attach_gate(args.bundle, gate)
     print(json.dumps({"bundle": str(args.bundle), **gate.config.model_dump(mode="json")}, indent=1))
 

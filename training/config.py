@@ -91,6 +91,13 @@ class TrainConfig(BaseModel):
         "augment.downscale_probability > 0 (training.materialize)"))
     patience: int = Field(4, ge=1, description="early stopping: epochs without val macro-F1 gain")
     unfreeze_every: int = Field(1, ge=1, description="fine-tune: epochs between unfreezing backbone stages")
+    head_warmup_epochs: int | None = Field(None, ge=0, description=(
+        "fine-tune: epochs that train only the new head, then the whole network at once (end to end); "
+        "None keeps the stage-by-stage unfreezing of unfreeze_every"))
+    samples_per_epoch: int | None = Field(None, ge=1, description=(
+        "images drawn per epoch by the (weighted) sampler, with replacement; None = one pass over the split. "
+        "Decouples an epoch's cost from the split size, so a CPU run fits its time budget"))
+    channels_last: bool = Field(False, description="train in channels_last memory format (faster convolutions on CPU)")
     probe_epochs: int = Field(300, ge=1, description="linear probe head: full-batch steps")
     seed: int = 20240611
     num_threads: int = Field(2, ge=1)

@@ -5,6 +5,11 @@ a new version and promotes it; ``make promote VERSION=n`` and ``make rollback`` 
 ``make mar`` reads ``models:/cxr-screen@champion``.
 
     python -m training.registry show | promote --version N | rollback | fetch --uri URI --out DIR
+        | register-shipped [--bundle models/champion] [--report reports/model/champion.json]
+
+``register-shipped`` registers the champion that ships with the repository (``models/champion``),
+so a fresh machine's ``make demo`` serves the real model instead of a toy trained in a minute;
+``make sweep`` still replaces it by registering and promoting a newer version.
 """
 
 from __future__ import annotations
@@ -165,6 +170,36 @@ def fetch_bundle(model_uri: str, dest: Path | str) -> tuple[Path, str]:
     return dest, str(version)
 
 
+SHIPPED_BUNDLE = Path("models/champion")
+
+
+def register_shipped(bundle_dir: Path = SHIPPED_BUNDLE, report: Path | None = None,
+                     experiment: str = "cxr-screen", name: str = REGISTERED_MODEL) -> str:
+    """Register the committed champion bundle as a new version and make it ``champion``.
+
+    Its provenance travels as tags (family, the bundle's own provenance block, the sha256 of
+    every file) and the measured report, when given, as metrics of the registering run.
+    """
+    import hashlib
+
+    from training.tracking import log_metrics, mlflow_run, numeric_metrics
+
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundle_dir.iterdir()) if p.is_file()}
+    tags = {"origin": "shipped", "bundle_path": str(bundle_dir),
+            "family": str(manifest.get("family") or manifest.get("model", {}).get("name")),
+            "provenance": json.dumps(manifest.get("provenance", {}), sort_keys=True),
+            "files_sha256": json.dumps(files, sort_keys=True)}
+    with mlflow_run(experiment, "shipped-champion", tags=tags) as run:
+        if report is not None and Path(report).exists():
+            document = json.loads(Path(report).read_text())
+            log_metrics(numeric_metrics({"test": document.get("test", {}), "loso": document.get("loso", {}),
+                                         "shortcuts": document.get("shortcuts", {})}))
+            mlflow.log_artifact(str(report), "model-report")
+        return register_bundle(bundle_dir, run.info.run_id, tags, promote=True, name=name)
+
+
 def describe(name: str = REGISTERED_MODEL) -> dict:
     mlflow_client = client()
     versions = sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
@@ -187,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch = sub.add_parser("fetch")
     fetch.add_argument("--uri", default=f"models:/{REGISTERED_MODEL}@{CHAMPION}")
     fetch.add_argument("--out", type=Path, required=True)
+    shipped = sub.add_parser("register-shipped", help="register models/champion as the champion")
+    shipped.add_argument("--bundle", type=Path, default=SHIPPED_BUNDLE)
+    shipped.add_argument("--report", type=Path, default=Path("reports/model/champion.json"))
     args = parser.parse_args(argv)
     if args.action == "show":
         print(json.dumps(describe(), indent=1))
@@ -194,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(promote_version(args.version)))
     elif args.action == "rollback":
         print(json.dumps(rollback()))
+    elif args.action == "register-shipped":
+        version = register_shipped(args.bundle, args.report)
+        print(f"registry: {args.bundle} registered as {REGISTERED_MODEL} version {version} (alias {CHAMPION})")
     else:
         path, version = fetch_bundle(args.uri, args.out)
         print(f"registry: {args.uri} -> {path} (version {version})")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from cxr_core.models import create_model
@@ -105,6 +105,8 @@ def train_network(config: TrainConfig, train: SplitArrays, val: SplitArrays, num
     """Scratch / fine-tune loop. Returns the best model (by val macro-F1) and a history."""
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     stages = _backbone_stages(model) if config.mode == "finetune" else []
     head = model.get_classifier()
     if config.mode == "finetune":
@@ -127,7 +129,11 @@ def train_network(config: TrainConfig, train: SplitArrays, val: SplitArrays, num
         counts = {k: keys.count(k) for k in set(keys)}
         weights = torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.double)
         loader = DataLoader(dataset, batch_size=config.batch_size, generator=generator,
-                            sampler=WeightedRandomSampler(weights, len(weights), generator=generator))
+                            sampler=WeightedRandomSampler(weights, config.samples_per_epoch or len(weights),
+                                                          generator=generator))
+    elif config.samples_per_epoch:
+        loader = DataLoader(dataset, batch_size=config.batch_size, generator=generator, sampler=RandomSampler(
+            dataset, replacement=True, num_samples=config.samples_per_epoch, generator=generator))
     else:
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     weight = class_weights(train.labels, num_classes) if config.class_weighted_loss else None
@@ -141,7 +147,10 @@ def train_network(config: TrainConfig, train: SplitArrays, val: SplitArrays, num
     best_f1, best_state, best_epoch, stale = -1.0, copy.deepcopy(model.state_dict()), -1, 0
     history: list[dict[str, float]] = []
     for epoch in range(config.epochs):
-        if stages:
+        if stages and config.head_warmup_epochs is not None:
+            if epoch == config.head_warmup_epochs:
+                _set_trainable(model, True)  # end to end after the head's warm-up
+        elif stages:
             unfrozen = min(len(stages), epoch // config.unfreeze_every)
             for stage in stages[len(stages) - unfrozen :]:
                 _set_trainable(stage, True)
@@ -151,6 +160,8 @@ def train_network(config: TrainConfig, train: SplitArrays, val: SplitArrays, num
         bar = tqdm(loader, desc=f"{config.family} epoch {epoch + 1}/{config.epochs}", file=sys.stderr, leave=False)
         for images, targets in bar:
             optimizer.zero_grad(set_to_none=True)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             loss = criterion(model(images), targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -221,6 +232,8 @@ def train_linear_probe(config: TrainConfig, train: SplitArrays, val: SplitArrays
     train = fixed_matrix_training_split(train, config)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_x = torch.from_numpy(cached_features(model, train, config))
     val_x = torch.from_numpy(cached_features(model, val, config))
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
