@@ -140,7 +140,7 @@ gate: install ## fit the gradability gate into BUNDLE=dir (default: the champion
 	$(PY) -m cxr_core.gate fit --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR)
 
 gate-report: install ## the gate's refusals on the real test split and on every garbage kind -> reports/serving/gate.json
-	$(PY) -m serving.gate_report --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/gate.json
+	$(PY) -m serving.gate_report --bundle $(or $(BUNDLE),$(CHAMPION_BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/gate.json
 
 conformance: install ## tritonclient + kserve's REST client against a fresh stack serving BUNDLE -> reports/serving/conformance.json
 	$(PY) -m serving.conformance --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/conformance.json
