@@ -24,22 +24,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
 from cxr_core.gate import GATE_ARRAYS, Gate, GateConfig, GateVerdict
-from cxr_core.hog import HogConfig, hog_features
-from cxr_core.models import create_model
+from cxr_core.hog import HogConfig
+from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_logits, save_weights
 from cxr_core.policy import Decision, FittedPolicy
-from cxr_core.preprocess import PreprocessConfig, QualityFlags, pixels_to_tensor, prepare_image
+from cxr_core.preprocess import PreprocessConfig, QualityFlags, prepare_image
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"
-TORCH_WEIGHTS = "weights.pt"
-SKLEARN_MODEL = "model.joblib"
+TORCH_WEIGHTS = WEIGHTS_FILES["torch"]
+SKLEARN_MODEL = WEIGHTS_FILES["sklearn_hog"]
 UNGRADABLE = "ungradable"
 LUNG_WEIGHTS = "lungs.pt"
 
@@ -53,11 +53,17 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["torch", "sklearn_hog"]
+    kind: ModelKind = Field(description="the registry's kind of the family (cxr_core.models.model_kind)")
     name: str = Field(description="registry name (cnn3, efficientnet_lite0...) or hog_<classifier>")
     kwargs: dict[str, Any] = {}
     training_mode: Literal["scratch", "probe", "finetune", "classical"]
     hog: HogConfig | None = None
+
+    @model_validator(mode="after")
+    def _kind_matches_the_registry(self) -> "ModelSpec":
+        if model_kind(self.name) != self.kind:
+            raise ValueError(f"model {self.name!r} is a {model_kind(self.name)} family, not {self.kind}")
+        return self
 
 
 class Provenance(BaseModel):
@@ -103,26 +109,6 @@ class Prediction(BaseModel):
         return self.gate is None or self.gate.gradable
 
 
-def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
-                 batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) uint8 prepared pixels -> (N, C) logits, for a torch model or a HOG classifier.
-
-    The one place that turns prepared pixels into model outputs: training's validation and test
-    predictions and serving's predictions both come through here.
-    """
-    pixels = np.asarray(pixels)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-        with torch.inference_mode():
-            chunks = [model(pixels_to_tensor(pixels[i : i + batch_size], preprocess)).float()
-                      for i in range(0, len(pixels), batch_size)]
-        return torch.cat(chunks).numpy()
-    if hog is None:
-        raise ValueError("a HOG classifier needs its HogConfig")
-    probs = model.predict_proba(hog_features(pixels, hog))
-    return np.log(np.clip(probs, 1e-7, 1.0))
-
-
 @dataclass(frozen=True)
 class BatchScores:
     """What a bundle says about a batch: (N, C) logits and probabilities, (N,) decided class indices."""
@@ -138,8 +124,7 @@ class Predictor:
     """A loaded bundle: preprocessing, model, temperature and policy behind one call."""
 
     manifest: BundleManifest
-    torch_model: torch.nn.Module | None = None
-    sklearn_model: Any = None
+    model: Any = None
     path: Path | None = None
     gate: Gate | None = None
 
@@ -147,10 +132,19 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.manifest.classes
 
+    @property
+    def torch_model(self) -> torch.nn.Module | None:
+        """The network, for explainers and audits that need feature maps; None for HOG families."""
+        return self.model if isinstance(self.model, torch.nn.Module) else None
+
+    @property
+    def sklearn_model(self) -> Any:
+        """The fitted scikit-learn pipeline of a HOG family; None for networks."""
+        return None if isinstance(self.model, torch.nn.Module) else self.model
+
     def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W) uint8 prepared pixels -> (N, C) logits."""
-        return model_logits(self.torch_model or self.sklearn_model, pixels, self.manifest.preprocess,
-                            self.manifest.model.hog)
+        return model_logits(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog)
 
     def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw and calibrated probabilities of a logits matrix."""
@@ -213,21 +207,11 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
-def save_bundle(path: Path | str, manifest: BundleManifest, torch_model: torch.nn.Module | None = None,
-                sklearn_model: Any = None) -> Path:
-    """Write a bundle directory (manifest + weights)."""
+def save_bundle(path: Path | str, manifest: BundleManifest, model: Any) -> Path:
+    """Write a bundle directory (manifest + the model, stored the way its kind is)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if manifest.model.kind == "torch":
-        if torch_model is None:
-            raise ValueError("a torch bundle needs torch_model")
-        torch.save(torch_model.state_dict(), path / TORCH_WEIGHTS)
-    else:
-        import joblib
-
-        if sklearn_model is None:
-            raise ValueError("a HOG bundle needs sklearn_model")
-        joblib.dump(sklearn_model, path / SKLEARN_MODEL)
+    save_weights(model, manifest.model.kind, path)
     save_lung_segmenter(path, manifest.preprocess)
     (path / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n")
     return path
@@ -282,11 +266,6 @@ def load_bundle(path: Path | str, gate: bool = True) -> Predictor:
     manifest = read_manifest(path)
     load_lung_segmenter(path, manifest.preprocess)
     fitted_gate = Gate.load(path, manifest.gate) if gate and manifest.gate and (path / GATE_ARRAYS).exists() else None
-    if manifest.model.kind == "torch":
-        model = create_model(manifest.model.name, len(manifest.classes), **manifest.model.kwargs)
-        model.load_state_dict(torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True))
-        model.eval()
-        return Predictor(manifest=manifest, torch_model=model, path=path, gate=fitted_gate)
-    import joblib
-
-    return Predictor(manifest=manifest, sklearn_model=joblib.load(path / SKLEARN_MODEL), path=path, gate=fitted_gate)
+    spec = manifest.model
+    model = load_weights(path, spec.kind, spec.name, len(manifest.classes), spec.kwargs)
+    return Predictor(manifest=manifest, model=model, path=path, gate=fitted_gate)

@@ -1,7 +1,11 @@
-"""One door into every neural model family: ``create_model(name, num_classes, **kwargs)``.
+"""One door into every model family: ``create_model(name, num_classes, **kwargs)``.
 
-timm-style registry: each family registers a constructor, so a Ray Tune search space is just
-``{"model": tune.choice([...])}`` and a bundle rebuilds any model from ``(name, kwargs)``.
+timm-style registry: each family registers a constructor with its *kind* (``torch`` for the
+networks, ``sklearn_hog`` for HOG + a scikit-learn classifier), so a Ray Tune search space is just
+``{"model": tune.choice([...])}``, a bundle rebuilds any model from ``(name, kwargs)``, and callers
+ask :func:`model_kind` instead of keeping their own list of classical names. The kind also says
+how a model is stored in a bundle and turned into logits (:func:`save_weights`, :func:`load_weights`,
+:func:`model_logits`): one answer per kind, here, rather than ``if kind == ...`` in every caller.
 
 Every model takes a 1-channel tensor (the shared preprocessing's output) and exposes the timm
 interface ``forward_features`` / ``forward_head(x, pre_logits=...)`` so linear probes, Grad-CAM and
@@ -14,14 +18,38 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
+from cxr_core.hog import HogConfig, hog_features
+from cxr_core.preprocess import PreprocessConfig, pixels_to_tensor
+
 log = logging.getLogger(__name__)
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+ModelKind = Literal["torch", "sklearn_hog"]
+# What a bundle holds for each kind (file names are part of the bundle format: keep them).
+WEIGHTS_FILES: dict[str, str] = {"torch": "weights.pt", "sklearn_hog": "model.joblib"}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A registered family: its name, its kind and the constructor ``create_model`` calls."""
+
+    name: str
+    kind: ModelKind
+    constructor: Callable[..., Any]
+
+
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+class UnknownModelError(KeyError, ValueError):
+    """No family of that name is registered (a ValueError too, so config validation reports it)."""
 
 # Backbones served through timm. Only efficientnet_lite0 has weights on this machine.
 TIMM_BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "densenet121", "swin_tiny_patch4_window7_224")
@@ -30,27 +58,93 @@ IMAGENET_GRAY_MEAN = 0.449
 IMAGENET_GRAY_STD = 0.226
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def decorator(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_model(name: str, kind: ModelKind = "torch") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``constructor(num_classes, **kwargs)`` as family ``name`` of ``kind``."""
+    if kind not in WEIGHTS_FILES:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(WEIGHTS_FILES)}")
+
+    def decorator(constructor: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = constructor
+        _REGISTRY[name] = ModelFamily(name, kind, constructor)
         return constructor
 
     return decorator
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a registered model with ``num_classes`` outputs (logits) for 1-channel input."""
+def model_family(name: str) -> ModelFamily:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+        raise UnknownModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def model_kind(name: str) -> ModelKind:
+    """``torch`` or ``sklearn_hog``: what the family is, for configs, bundles and explainers."""
+    return model_family(name).kind
+
+
+def list_models(kind: ModelKind | None = None) -> list[str]:
+    return sorted(name for name, family in _REGISTRY.items() if kind is None or family.kind == kind)
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> Any:
+    """Build a registered model: a torch module with ``num_classes`` logits for 1-channel input, or
+    an unfitted scikit-learn pipeline over HOG features (``sklearn_hog`` families)."""
+    family = model_family(name)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return family.constructor(num_classes=num_classes, **kwargs)
+
+
+def _kind_of_model(model: Any) -> ModelKind:
+    return "torch" if isinstance(model, nn.Module) else "sklearn_hog"
+
+
+def save_weights(model: Any, kind: ModelKind, directory: Path) -> Path:
+    """Write a model into a bundle directory the way its kind is stored; refuses a model of another kind."""
+    if _kind_of_model(model) != kind:
+        raise ValueError(f"a {kind} bundle cannot hold a {type(model).__name__}")
+    target = Path(directory) / WEIGHTS_FILES[kind]
+    if kind == "torch":
+        torch.save(model.state_dict(), target)
+    else:
+        import joblib
+
+        joblib.dump(model, target)
+    return target
+
+
+def load_weights(directory: Path, kind: ModelKind, name: str, num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """The model a bundle directory holds (torch: rebuilt through the registry, eval mode, CPU)."""
+    source = Path(directory) / WEIGHTS_FILES[kind]
+    if kind == "torch":
+        model = create_model(name, num_classes, **kwargs)
+        model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+        return model.eval()
+    import joblib
+
+    return joblib.load(source)
+
+
+def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
+                 batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) uint8 prepared pixels -> (N, C) logits, for any family.
+
+    The one place that turns prepared pixels into model outputs: training's validation and test
+    predictions and serving's predictions both come through here. HOG families answer
+    probabilities; their log is the logits (temperature scaling then works alike for both kinds).
+    """
+    pixels = np.asarray(pixels)
+    if _kind_of_model(model) == "torch":
+        model.eval()
+        with torch.inference_mode():
+            chunks = [model(pixels_to_tensor(pixels[i : i + batch_size], preprocess)).float()
+                      for i in range(0, len(pixels), batch_size)]
+        return torch.cat(chunks).numpy()
+    if hog is None:
+        raise ValueError("a HOG classifier needs its HogConfig")
+    probs = model.predict_proba(hog_features(pixels, hog))
+    return np.log(np.clip(probs, 1e-7, 1.0))
 
 
 class Cnn3(nn.Module):
@@ -179,6 +273,43 @@ def _make_timm(name: str):
 
 for _name in TIMM_BACKBONES:
     register_model(_name)(_make_timm(_name))
+
+
+def _hog_pipeline(estimator: Any) -> Any:
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), estimator)
+
+
+# HOG families: a scikit-learn classifier on HOG descriptors (cxr_core.hog; the descriptor config
+# travels in the bundle's ModelSpec.hog). They share one signature, the fields of training's
+# ClassicalConfig, so a caller passes the same settings to any of them; scikit-learn infers the
+# number of classes (create_model has checked it).
+@register_model("hog_logreg", kind="sklearn_hog")
+def _hog_logreg(num_classes: int, c: float = 1.0, hidden: int = 128, n_estimators: int = 300, seed: int = 0,
+                n_jobs: int = 1) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return _hog_pipeline(LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed))
+
+
+@register_model("hog_mlp", kind="sklearn_hog")
+def _hog_mlp(num_classes: int, c: float = 1.0, hidden: int = 128, n_estimators: int = 300, seed: int = 0,
+             n_jobs: int = 1) -> Any:
+    from sklearn.neural_network import MLPClassifier
+
+    return _hog_pipeline(MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=300, early_stopping=True,
+                                       random_state=seed))
+
+
+@register_model("hog_rf", kind="sklearn_hog")
+def _hog_rf(num_classes: int, c: float = 1.0, hidden: int = 128, n_estimators: int = 300, seed: int = 0,
+            n_jobs: int = 1) -> Any:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return _hog_pipeline(RandomForestClassifier(n_estimators=n_estimators, class_weight="balanced", n_jobs=n_jobs,
+                                                random_state=seed))
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:

@@ -100,7 +100,7 @@ def test_black_border_is_outside_the_chest(predictor):
 def test_hog_bundles_have_no_explanations(predictor, sample_image):
     hog = Predictor(manifest=predictor.manifest.model_copy(
         update={"model": predictor.manifest.model.model_copy(update={"kind": "sklearn_hog", "name": "hog_logreg"})}),
-        sklearn_model=object())
+        model=object())
     with pytest.raises(ExplanationUnavailableError, match="explanations not available for this model family"):
         explain_image(hog, sample_image.read_bytes())
 

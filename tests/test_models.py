@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cxr_core.hog import HogConfig, hog_features
-from cxr_core.models import TIMM_BACKBONES, create_model, efficientnet_lite0_imagenet_state_dict, list_models
+from cxr_core.models import (TIMM_BACKBONES, create_model, efficientnet_lite0_imagenet_state_dict, list_models,
+                             model_kind, register_model)
 from training.config import TrainConfig
 from training.datasets import SplitArrays
 from training.train_classical import train_classical
@@ -38,6 +39,59 @@ def test_registry_is_the_only_door():
         create_model("vgg99", 3)
     with pytest.raises(ValueError, match="nothing is downloaded"):
         create_model("resnet18", 3, pretrained=True)
+
+
+def test_hog_families_join_the_registry_with_their_kind():
+    from sklearn.pipeline import Pipeline
+
+    assert list_models("sklearn_hog") == ["hog_logreg", "hog_mlp", "hog_rf"]
+    assert set(list_models("torch")) == {"cnn3", *TIMM_BACKBONES}
+    assert model_kind("hog_rf") == "sklearn_hog" and model_kind("cnn3") == "torch"
+    forest = create_model("hog_rf", 3, n_estimators=12, seed=5, n_jobs=1)
+    assert isinstance(forest, Pipeline) and forest[-1].n_estimators == 12 and forest[-1].random_state == 5
+    assert create_model("hog_logreg", 3, c=0.25)[-1].C == 0.25
+    assert create_model("hog_mlp", 3, hidden=16)[-1].hidden_layer_sizes == (16,)
+    with pytest.raises(TypeError):  # a misspelt setting is refused, not ignored
+        create_model("hog_logreg", 3, C=0.25)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("hog_logreg", kind="sklearn_hog")(lambda num_classes: None)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        register_model("xgb", kind="xgboost")
+
+
+def test_config_and_bundle_spec_ask_the_registry():
+    from pydantic import ValidationError
+
+    from cxr_core.bundle import ModelSpec
+
+    with pytest.raises(ValidationError, match="classical model: set mode: classical"):
+        TrainConfig(model="hog_mlp", mode="scratch")
+    with pytest.raises(ValidationError, match=r"mode classical needs one of \['hog_logreg', 'hog_mlp', 'hog_rf'\]"):
+        TrainConfig(model="cnn3", mode="classical")
+    with pytest.raises(ValidationError, match="unknown model 'vgg99'"):
+        TrainConfig(model="vgg99")
+    with pytest.raises(ValidationError, match="'hog_rf' is a sklearn_hog family, not torch"):
+        ModelSpec(kind="torch", name="hog_rf", training_mode="scratch")
+
+
+def test_save_bundle_takes_one_model_and_refuses_the_wrong_kind(tmp_path):
+    from cxr_core.bundle import BundleManifest, ModelSpec, load_bundle, save_bundle
+    from cxr_core.policy import FittedPolicy, PolicyConfig
+    from cxr_core.preprocess import PreprocessConfig
+
+    classes = ["normal", "pneumonia", "tuberculosis"]
+    policy = FittedPolicy(config=PolicyConfig(), classes=classes, thresholds={}, fits={})
+    manifest = BundleManifest(model=ModelSpec(kind="torch", name="cnn3", kwargs={"channels": [4, 8, 8]},
+                                              training_mode="scratch"),
+                              classes=classes, preprocess=PreprocessConfig(image_size=32), policy=policy)
+    model = create_model("cnn3", 3, channels=[4, 8, 8])
+    with pytest.raises(ValueError, match="a torch bundle cannot hold a Pipeline"):
+        save_bundle(tmp_path / "wrong", manifest, create_model("hog_logreg", 3))
+    save_bundle(tmp_path / "cnn3", manifest, model)
+    assert sorted(p.name for p in (tmp_path / "cnn3").iterdir()) == ["bundle.json", "weights.pt"]
+    loaded = load_bundle(tmp_path / "cnn3")
+    assert loaded.sklearn_model is None and not loaded.torch_model.training
+    assert torch.equal(loaded.torch_model.state_dict()["classifier.weight"], model.state_dict()["classifier.weight"])
 
 
 def test_efficientnet_lite0_weights_map_every_key():

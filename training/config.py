@@ -13,11 +13,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxr_core.hog import HogConfig
+from cxr_core.models import list_models, model_kind
 from cxr_core.policy import PolicyConfig
 from cxr_core.preprocess import PreprocessConfig
 
 TrainingMode = Literal["scratch", "probe", "finetune", "classical"]
-CLASSICAL_MODELS = ("hog_logreg", "hog_mlp", "hog_rf")
 
 
 class AugmentConfig(BaseModel):
@@ -108,10 +108,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.model in CLASSICAL_MODELS and self.mode != "classical":
+        classical = model_kind(self.model) == "sklearn_hog"  # an unknown name is refused here
+        if classical and self.mode != "classical":
             raise ValueError(f"{self.model} is a classical model: set mode: classical")
-        if self.mode == "classical" and self.model not in CLASSICAL_MODELS:
-            raise ValueError(f"mode classical needs one of {CLASSICAL_MODELS}")
+        if self.mode == "classical" and not classical:
+            raise ValueError(f"mode classical needs one of {list_models('sklearn_hog')}")
         if self.mode == "probe" and self.model == "cnn3":
             raise ValueError("a linear probe needs a backbone with learned features, not cnn3")
         return self

@@ -25,6 +25,7 @@ import torch
 
 from cxr_core.bundle import BundleManifest, ModelSpec, Provenance, load_bundle, model_logits, save_bundle
 from cxr_core.calibration import softmax
+from cxr_core.models import model_kind
 from cxr_core.operating_point import fit_operating_point
 from cxr_core.policy import FittedPolicy
 from training.config import TrainConfig, parse_overrides
@@ -78,9 +79,11 @@ def fit_model(config: TrainConfig, train: SplitArrays, val: SplitArrays, num_cla
 
 
 def model_spec(config: TrainConfig) -> ModelSpec:
-    if config.mode == "classical":
-        return ModelSpec(kind="sklearn_hog", name=config.model, training_mode="classical", hog=config.classical.hog)
-    return ModelSpec(kind="torch", name=config.model, kwargs=dict(config.model_kwargs), training_mode=config.mode)
+    """How the bundle rebuilds the model; the registry says the family's kind."""
+    kind = model_kind(config.model)
+    if kind == "sklearn_hog":
+        return ModelSpec(kind=kind, name=config.model, training_mode=config.mode, hog=config.classical.hog)
+    return ModelSpec(kind=kind, name=config.model, kwargs=dict(config.model_kwargs), training_mode=config.mode)
 
 
 def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path, track: bool = True,
@@ -130,8 +133,8 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
         model, training_info = fit_model(config, splits["train"], splits["val"], len(classes), out_dir, epoch_callback)
         train_seconds = time.perf_counter() - started
 
-        hog = config.classical.hog if config.mode == "classical" else None
-        logits = {name: model_logits(model, splits[name].pixels, config.preprocess, hog) for name in ("val", "test")}
+        spec = model_spec(config)
+        logits = {name: model_logits(model, splits[name].pixels, config.preprocess, spec.hog) for name in ("val", "test")}
         val, test = splits["val"], splits["test"]
         point = fit_operating_point(logits["val"], val.labels, classes, config.policy)
         temperature, policy = point.temperature, point.policy
@@ -155,7 +158,7 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
             "train_seconds": round(train_seconds, 1),
         }
         manifest = BundleManifest(
-            model=model_spec(config),
+            model=spec,
             classes=classes,
             preprocess=config.preprocess,
             temperature=temperature,
@@ -169,9 +172,7 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
                 excluded_files=len(dataset.excluded), training_info={k: v for k, v in training_info.items() if k != "history"},
             ),
         )
-        bundle_dir = save_bundle(out_dir / "bundle", manifest,
-                                 torch_model=model if manifest.model.kind == "torch" else None,
-                                 sklearn_model=model if manifest.model.kind != "torch" else None)
+        bundle_dir = save_bundle(out_dir / "bundle", manifest, model)
         fit_bundle_gate(bundle_dir, splits)
         (out_dir / "summary.json").write_text(json.dumps(
             {"family": config.family, **summary_metrics, "thresholds": policy.thresholds,

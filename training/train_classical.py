@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline
 
 from cxr_core.hog import hog_features
+from cxr_core.models import create_model
 from training.config import TrainConfig
 from training.datasets import SplitArrays
 from training.materialize import fixed_matrix_training_split, source_label_counts
@@ -20,19 +17,11 @@ from training.train_torch import macro_f1
 log = logging.getLogger(__name__)
 
 
-def build_classifier(config: TrainConfig) -> Pipeline:
+def build_classifier(config: TrainConfig, num_classes: int) -> Pipeline:
+    """The unfitted HOG family the config names, through the one model registry."""
     settings = config.classical
-    if config.model == "hog_logreg":
-        estimator = LogisticRegression(C=settings.c, max_iter=2000, class_weight="balanced", random_state=config.seed)
-    elif config.model == "hog_mlp":
-        estimator = MLPClassifier(hidden_layer_sizes=(settings.hidden,), alpha=1e-3, max_iter=300,
-                                  early_stopping=True, random_state=config.seed)
-    elif config.model == "hog_rf":
-        estimator = RandomForestClassifier(n_estimators=settings.n_estimators, class_weight="balanced",
-                                           n_jobs=config.num_threads, random_state=config.seed)
-    else:
-        raise ValueError(f"unknown classical model {config.model}")
-    return make_pipeline(StandardScaler(), estimator)
+    return create_model(config.model, num_classes, c=settings.c, hidden=settings.hidden,
+                        n_estimators=settings.n_estimators, seed=config.seed, n_jobs=config.num_threads)
 
 
 def train_classical(config: TrainConfig, train: SplitArrays, val: SplitArrays, num_classes: int) -> tuple[Pipeline, dict]:
@@ -43,7 +32,7 @@ def train_classical(config: TrainConfig, train: SplitArrays, val: SplitArrays, n
     """
     train = fixed_matrix_training_split(train, config)
     train_x = hog_features(train.pixels, config.classical.hog)
-    classifier = build_classifier(config)
+    classifier = build_classifier(config, num_classes)
     classifier.fit(train_x, train.labels)
     if list(classifier.classes_) != list(range(num_classes)):
         raise ValueError(f"training split lacks classes: saw {list(classifier.classes_)} of {num_classes}")
