@@ -1,6 +1,9 @@
 """The audit record: one versioned type that serving writes and monitoring reads.
 
-One JSON line per served image or refused request. The TorchServe handler and the KServe front
+Every HTTP request gets its accounting in the log: an answered image gets a ``prediction`` line (a
+request with n images gets n, ``item`` i of ``n_items``), a refused request exactly one ``error``
+line, and a request the front answers itself without the model (metadata, readiness, health) one
+``request`` line naming its ``route`` (a route name, never the caller's raw path). The TorchServe handler and the KServe front
 write it (:mod:`serving.audit`), the offline replay writes the same lines (:mod:`monitoring.replay`),
 and the drift job, the feedback store and the review pages read it back through
 :func:`parse_audit_line` / :func:`read_audit_records` — so a field renamed on one side fails the
@@ -12,7 +15,8 @@ name, never a person), latency, protocol, HTTP status and, for an answered image
 flags, image statistics) as extra fields. Never image bytes, file names, DICOM tags or anything
 else that identifies a patient.
 
-Versioning: ``schema_version`` is written on every line. A reader accepts the versions it knows
+Versioning: ``schema_version`` is written on every line. Version 2 added the ``request`` event and
+the ``route`` field; version 1 lines read unchanged. A reader accepts the versions it knows
 (lines from before the field existed count as version 1) and refuses any other with
 :class:`UnsupportedAuditVersion`, naming the file and line, rather than guessing.
 
@@ -38,8 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUDIT_SCHEMA_VERSION = 1
-KNOWN_VERSIONS = frozenset({1})
+AUDIT_SCHEMA_VERSION = 2
+KNOWN_VERSIONS = frozenset({1, 2})
 LOG_PATTERNS = ("*.jsonl", "*.jsonl.gz")
 
 
@@ -53,7 +57,7 @@ class AuditRecord(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     schema_version: int = AUDIT_SCHEMA_VERSION
-    event: Literal["prediction", "error"]
+    event: Literal["prediction", "error", "request"]
     request_id: str
     time: str
     model_name: str
@@ -68,6 +72,7 @@ class AuditRecord(BaseModel):
     stage: Literal["handler", "front", "replay"] = "handler"
     error_code: str | None = None
     explained: bool = False
+    route: str | None = None  # the route's name (``v2.metadata``, ``health.live``...), never the raw path
 
     @property
     def features(self) -> dict[str, Any]:
@@ -98,12 +103,21 @@ def prediction_record(prediction: "Prediction", *, request_id: str, time: str, m
 
 def error_record(*, request_id: str, time: str, model_name: str, model_version: str, caller_id: str | None,
                  latency_ms: float, protocol: str, status: int, code: str, stage: str = "handler",
-                 item: int | None = None, n_items: int | None = None, batch_size: int | None = None) -> AuditRecord:
+                 item: int | None = None, n_items: int | None = None, batch_size: int | None = None,
+                 route: str | None = None) -> AuditRecord:
     """The line of a refused request (or image): its error code and HTTP status, nothing it sent."""
     return AuditRecord(event="error", request_id=request_id, time=time, model_name=model_name,
                        model_version=model_version, caller_id=caller_id, latency_ms=round(latency_ms, 3),
                        protocol=protocol, status=status, error_code=code, stage=stage,  # type: ignore[arg-type]
-                       item=item, n_items=n_items, batch_size=batch_size)
+                       item=item, n_items=n_items, batch_size=batch_size, route=route)
+
+
+def request_record(*, request_id: str, time: str, model_name: str, model_version: str, caller_id: str | None,
+                   latency_ms: float, protocol: str, status: int, route: str) -> AuditRecord:
+    """The line of a request answered without the model (metadata, readiness, health)."""
+    return AuditRecord(event="request", request_id=request_id, time=time, model_name=model_name,
+                       model_version=model_version, caller_id=caller_id, latency_ms=round(latency_ms, 3),
+                       protocol=protocol, status=status, stage="front", route=route)
 
 
 def utc_timestamp(when: datetime | None = None) -> str:
@@ -126,7 +140,7 @@ def parse_audit_line(line: str, where: str = "audit line") -> AuditRecord:
         raise UnsupportedAuditVersion(
             f"{where}: audit schema_version {version!r} is not one this reader knows "
             f"({', '.join(map(str, sorted(KNOWN_VERSIONS)))}); upgrade cxr-screen to read it")
-    return AuditRecord.model_validate(payload)
+    return AuditRecord.model_validate({**payload, "schema_version": version})
 
 
 def audit_log_files(path: Path | str) -> list[Path]:

@@ -101,6 +101,8 @@ def read_audit_log(path: Path | str) -> FeatureTable:
         if record.event == "error":
             n_errors += 1
             continue
+        if record.event != "prediction":  # metadata / health requests: no image, nothing to profile
+            continue
         if "decision" not in record.features:
             n_malformed += 1
             log.warning("%s is a prediction line without features; skipped", where)

@@ -1,4 +1,5 @@
-"""The serving side of the audit log: one line per served image or refused request, what monitoring reads.
+"""The serving side of the audit log: one line per served image, refused request or
+metadata/health request; what monitoring reads.
 
 The record type, the writer and the reader are the shared core's (:mod:`cxr_core.audit`); this
 module adds where serving writes (``CXR_AUDIT_LOG``) and one helper per event.
@@ -19,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cxr_core.audit import AuditLogWriter, error_record, prediction_record, read_audit_records, utc_timestamp
+from cxr_core.audit import (AuditLogWriter, error_record, prediction_record, read_audit_records, request_record,
+                            utc_timestamp)
 from cxr_core.bundle import Prediction
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,18 @@ class AuditLog(AuditLogWriter):
 
     def error(self, *, request_id: str, model_name: str, model_version: str, caller_id: str | None,
               latency_ms: float, protocol: str, status: int, code: str, stage: str = "handler",
-              n_items: int | None = None, batch_size: int | None = None) -> None:
+              n_items: int | None = None, batch_size: int | None = None, route: str | None = None) -> None:
         self.write(error_record(request_id=request_id, time=utc_now(), model_name=model_name,
                                 model_version=model_version, caller_id=caller_id, latency_ms=latency_ms,
                                 protocol=protocol, status=status, code=code, stage=stage, n_items=n_items,
-                                batch_size=batch_size))
+                                batch_size=batch_size, route=route))
+
+    def request(self, *, request_id: str, model_name: str, model_version: str, caller_id: str | None,
+                latency_ms: float, protocol: str, status: int, route: str) -> None:
+        """A request the front answered without the model (metadata, readiness, health)."""
+        self.write(request_record(request_id=request_id, time=utc_now(), model_name=model_name,
+                                  model_version=model_version, caller_id=caller_id, latency_ms=latency_ms,
+                                  protocol=protocol, status=status, route=route))
 
 
 def read_audit_log(path: Path | str) -> list[dict[str, Any]]:

@@ -72,6 +72,24 @@ STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "unauthorized"
                 503: "model_server_unavailable", 504: "model_server_timeout"}
 
 
+def route_name(path: str) -> str:
+    """The audit log's name for a route: fixed words only, never the caller's raw path."""
+    fixed = {"/": "root", "/v2/health/live": "v2.health.live", "/v2/health/ready": "v2.health.ready",
+             "/metrics": "metrics", "/v2": "v2.server", "/v2/": "v2.server", "/v1/models": "v1.models"}
+    if path in fixed:
+        return fixed[path]
+    route = V2_ROUTE.match(path)
+    if route is not None:
+        return "v2." + {"/infer": "infer", "/ready": "model.ready"}.get(route.group("verb") or "", "model.metadata")
+    if path.startswith("/v1/models/"):
+        return "v1.explain" if path.endswith(":explain") else "v1.predict" if path.endswith(":predict") else (
+            "v1.model" if ":" not in path else "v1.other")
+    return "v2.other" if path.startswith("/v2/") else "other"
+
+
+MODEL_ROUTES = ("v1.predict", "v1.explain", "v2.infer")  # answered (and audited) by the handler
+
+
 def parse_api_keys(text: str) -> dict[str, str]:
     """``caller:key,caller2:key2`` -> {caller: key}."""
     keys = {}
@@ -356,7 +374,25 @@ class FrontGuard:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         protocol = "v2" if path.startswith("/v2/") else "v1" if path.startswith("/v1/") else "other"
         request_id = "".join(ch for ch in headers.get("x-request-id", "") if 32 < ord(ch) < 127)[:128] or str(uuid.uuid4())
-        context = {"request_id": request_id, "protocol": protocol, "started": started, "caller": None}
+        context = {"request_id": request_id, "protocol": protocol, "started": started, "caller": None,
+                   "route": route_name(path), "audited": False, "status": None}
+        try:
+            return await self._guard(scope, receive, send, method, path, headers, request_headers, context)
+        except Exception as error:  # noqa: BLE001 - the one audit line and a fixed answer, never a traceback
+            # a traceback's locals and messages can quote the request: log the type only
+            log.error("request %s failed in the front (%s)", request_id, type(error).__name__)
+            if context["status"] is None:
+                return await self._answer(send, 500, "internal_error", FIXED_REASONS[500], context)
+            if not context["audited"]:
+                self._audit(500, "internal_error", context)
+        finally:
+            if not context["audited"] and context["status"] is not None and context["route"] not in MODEL_ROUTES:
+                self._audit_request(context["status"], context)
+
+    async def _guard(self, scope, receive, send, method: str, path: str, headers: dict[str, str],
+                     request_headers: list[tuple[bytes, bytes]], context: dict[str, Any]) -> None:
+        """Keys, body limit and routing of one request (``__call__`` guarantees its one audit line)."""
+        request_id = context["request_id"]
 
         if not self._is_open(method, path):
             context["caller"] = self._caller(headers)
@@ -420,7 +456,7 @@ class FrontGuard:
 
         async def guarded_send(message):
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = context["status"] = message["status"]
                 out_headers = [(k, v) for k, v in message.get("headers", [])
                                if (k.lower(), v) not in echo and k.lower() not in (b"x-request-id",)]
                 out_headers.append((b"x-request-id", request_id.encode()))
@@ -478,6 +514,7 @@ class FrontGuard:
         except FrontError as error:
             if not error.audited:
                 self._audit(error.status, str(error.body.get("code")), context)
+            context["audited"] = True  # by the front just now, or by the handler that refused it
             payload = {**error.body, "request_id": error.body.get("request_id") or context["request_id"]}
             return await self._send_json(send, error.status, payload, context)
         except (ValueError, KeyError, TypeError):
@@ -487,10 +524,13 @@ class FrontGuard:
         headers_out = [(b"content-length", str(len(content)).encode()),
                        (b"x-request-id", context["request_id"].encode())]
         headers_out += [(k.encode(), v.encode()) for k, v in extra.items()]
+        context["audited"] = True  # the handler wrote the prediction lines
+        context["status"] = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers_out})
         await send({"type": "http.response.body", "body": content, "more_body": False})
 
     async def _send_json(self, send, status: int, payload: dict[str, Any], context: dict[str, Any]) -> None:
+        context["status"] = status
         body = json.dumps(payload).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -527,6 +567,7 @@ class FrontGuard:
     async def _answer(self, send, status: int, code: str, reason: str, context: dict[str, Any],
                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
         self._audit(status, code, context)
+        context["status"] = status
         body = json.dumps({"error": reason, "code": code, "request_id": context["request_id"]}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -534,10 +575,19 @@ class FrontGuard:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _audit(self, status: int, code: str, context: dict[str, Any]) -> None:
+        context["audited"] = True
         self.audit.error(request_id=context["request_id"], model_name=self.settings.model_name,
                          model_version=self.model_version(), caller_id=context["caller"],
                          latency_ms=(time.perf_counter() - context["started"]) * 1000.0,
-                         protocol=context["protocol"], status=status, code=code, stage="front")
+                         protocol=context["protocol"], status=status, code=code, stage="front",
+                         route=context["route"])
+
+    def _audit_request(self, status: int, context: dict[str, Any]) -> None:
+        context["audited"] = True
+        self.audit.request(request_id=context["request_id"], model_name=self.settings.model_name,
+                           model_version=self.model_version(), caller_id=context["caller"],
+                           latency_ms=(time.perf_counter() - context["started"]) * 1000.0,
+                           protocol=context["protocol"], status=status, route=context["route"])
 
 
 FIXED_REASONS = {400: "the request is not valid for this route", 404: "no such route or model",

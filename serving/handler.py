@@ -37,7 +37,8 @@ from cxr_core.bundle import Prediction, load_bundle  # noqa: E402
 from cxr_core.errors import InputError  # noqa: E402
 from cxr_core.explain import ExplanationUnavailableError, explain_prepared, require_explainable  # noqa: E402
 from cxr_core.preprocess import prepare_image  # noqa: E402
-from serving.audit import AuditLog  # noqa: E402
+from cxr_core.audit import AuditRecord, error_record, prediction_record  # noqa: E402
+from serving.audit import AuditLog, utc_now  # noqa: E402
 from serving.envelopes import (  # noqa: E402
     ParsedRequest,
     error_body,
@@ -108,19 +109,28 @@ class CxrScreenHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context) -> list[str]:
         started = time.perf_counter()
         self.context = context
+        pending: list[AuditRecord] = []
         try:
             if self._is_describe():
                 return [json.dumps(self.describe())]
-            return self._handle_batch(data, context, started)
-        except Exception:  # never let a request take the worker down
-            log.exception("cxr-screen: unexpected failure on a batch of %d requests", len(data))
-            answers = []
+            answers = self._handle_batch(data, context, started, pending)
+        except Exception as error:  # never let a request take the worker down
+            # the type only: a traceback's messages can quote what the caller sent
+            log.error("cxr-screen: unexpected failure on a batch of %d requests (%s)", len(data), type(error).__name__)
+            answers, pending = [], []
             for index in range(len(data)):
                 self._set_status(context, index, 500)
+                request_id = self._request_id(context, index)
                 answers.append(json.dumps(error_body(
-                    "internal_error", "the model server failed on this request; the failure is logged",
-                    _clean_id(context.get_request_id(index)))))
-            return answers
+                    "internal_error", "the model server failed on this request; the failure is logged", request_id)))
+                pending.append(error_record(
+                    request_id=request_id, time=utc_now(), model_name=self.model_name,
+                    model_version=self.model_version, caller_id=self._caller_id(context, index),
+                    latency_ms=(time.perf_counter() - started) * 1000.0, protocol="unknown", status=500,
+                    code="internal_error", n_items=None, batch_size=len(data)))
+        # written once the answers exist: each request of the batch is accounted for exactly once
+        self.audit.write_many(pending)
+        return answers
 
     def describe(self) -> dict[str, Any]:
         """Management API ``GET /models/cxr-screen?customized=true``: what this worker serves."""
@@ -152,14 +162,24 @@ class CxrScreenHandler(BaseHandler):
         except (AttributeError, IndexError, TypeError, ValueError):
             log.warning("could not set the status of request %d", index)
 
-    def _handle_batch(self, data: list[dict[str, Any]], context, started: float) -> list[str]:
+    def _request_id(self, context, index: int) -> str:
+        try:
+            from_context = context.get_request_id(index)
+        except (AttributeError, IndexError, TypeError, KeyError):
+            from_context = None
+        return _clean_id(self._headers(context, index).get("x-request-id")) or _clean_id(from_context) or str(index)
+
+    def _caller_id(self, context, index: int) -> str | None:
+        return _clean_id(self._headers(context, index).get("x-caller-id"))
+
+    def _handle_batch(self, data: list[dict[str, Any]], context, started: float,
+                      pending: list[AuditRecord]) -> list[str]:
         requests: list[ParsedRequest | RequestError] = []
         meta: list[dict[str, Any]] = []
         for index, row in enumerate(data):
             headers = self._headers(context, index)
             explain_route = headers.get("explain") == "True"
-            request_id = _clean_id(headers.get("x-request-id")) or _clean_id(context.get_request_id(index)) or str(index)
-            meta.append({"request_id": request_id, "caller_id": _clean_id(headers.get("x-caller-id")),
+            meta.append({"request_id": self._request_id(context, index), "caller_id": self._caller_id(context, index),
                          "explain_route": explain_route})
             try:
                 requests.append(parse_request(row, headers.get("content-type", ""), explain_route))
@@ -179,7 +199,7 @@ class CxrScreenHandler(BaseHandler):
             info = {**meta[position], "batch_size": len(data)}
             self._set_status(context, position, 200)
             if isinstance(request, RequestError):
-                answers.append(self._refuse(context, position, info, "unknown", [(0, request)], started))
+                answers.append(self._refuse(context, position, info, "unknown", [(0, request)], started, pending))
                 continue
             outcome = per_request.get(position, [])
             failures = [(item, result) for item, result in enumerate(outcome) if isinstance(result, Exception)]
@@ -188,7 +208,7 @@ class CxrScreenHandler(BaseHandler):
             if not failures and request.explain:
                 explanations, failures, notes = self._explain(request, outcome)
             if failures:
-                answers.append(self._refuse(context, position, info, request.protocol, failures, started,
+                answers.append(self._refuse(context, position, info, request.protocol, failures, started, pending,
                                             n_items=len(request.images)))
                 continue
             latency_ms = (time.perf_counter() - started) * 1000.0
@@ -200,11 +220,11 @@ class CxrScreenHandler(BaseHandler):
             answers.append(json.dumps(response_body(request, responses, request_id=info["request_id"],
                                                     model_name=self.model_name, model_version=self.model_version,
                                                     explain_route=info["explain_route"])))
-            for item, prediction in enumerate(outcome):
-                self.audit.prediction(prediction, request_id=info["request_id"], model_name=self.model_name,
-                                      model_version=self.model_version, caller_id=info["caller_id"],
-                                      latency_ms=latency_ms, protocol=request.protocol, item=item,
-                                      n_items=len(outcome), explained=request.explain, batch_size=len(data))
+            pending.extend(prediction_record(
+                prediction, request_id=info["request_id"], time=utc_now(), model_name=self.model_name,
+                model_version=self.model_version, caller_id=info["caller_id"], latency_ms=latency_ms,
+                protocol=request.protocol, item=item, n_items=len(outcome), explained=request.explain,
+                batch_size=len(data)) for item, prediction in enumerate(outcome))
         return answers
 
     def _predict(self, images: list[bytes]) -> list[Prediction | InputError]:
@@ -256,7 +276,8 @@ class CxrScreenHandler(BaseHandler):
         return explanations, [], notes
 
     def _refuse(self, context, position: int, info: dict[str, Any], protocol: str,
-                failures: list[tuple[int, Exception]], started: float, n_items: int | None = None) -> str:
+                failures: list[tuple[int, Exception]], started: float, pending: list[AuditRecord],
+                n_items: int | None = None) -> str:
         code, reason = _error_of(failures[0][1])
         status = http_status(code)
         self._set_status(context, position, status)
@@ -265,8 +286,9 @@ class CxrScreenHandler(BaseHandler):
         if item_errors:
             reason = f"image {failures[0][0]}: {reason}" + (
                 f" (and {len(failures) - 1} more failing images)" if len(failures) > 1 else "")
-        self.audit.error(request_id=info["request_id"], model_name=self.model_name, model_version=self.model_version,
-                         caller_id=info["caller_id"], latency_ms=(time.perf_counter() - started) * 1000.0,
-                         protocol=protocol, status=status, code=code, n_items=n_items,
-                         batch_size=info.get("batch_size"))
+        pending.append(error_record(
+            request_id=info["request_id"], time=utc_now(), model_name=self.model_name,
+            model_version=self.model_version, caller_id=info["caller_id"],
+            latency_ms=(time.perf_counter() - started) * 1000.0, protocol=protocol, status=status, code=code,
+            n_items=n_items, batch_size=info.get("batch_size")))
         return json.dumps(error_body(code, reason, info["request_id"], item_errors))

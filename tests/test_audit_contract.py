@@ -69,3 +69,22 @@ def test_a_line_of_an_unknown_schema_version_is_refused_clearly(predictions, tmp
     (tmp_path / "audit.jsonl").write_text(json.dumps({**line, "schema_version": 99}) + "\n")
     with pytest.raises(UnsupportedAuditVersion, match=r"audit.jsonl:1: audit schema_version 99"):
         read_feature_table(tmp_path / "audit.jsonl")
+
+
+def test_version_1_lines_and_request_lines_read_with_the_version_2_reader(predictions, tmp_path):
+    """A log written before the ``request`` event still reads; request lines are not profiled as images."""
+    _, answers = predictions
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.prediction(answers[0], request_id="p", model_name="cxr-screen", model_version="1", caller_id=None,
+                   latency_ms=1.0, protocol="v1", item=0, n_items=1)
+    log.request(request_id="m", model_name="cxr-screen", model_version="1", caller_id="hospital-a",
+                latency_ms=0.4, protocol="v2", status=200, route="v2.model.metadata")
+    first, second = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert first["schema_version"] == second["schema_version"] == AUDIT_SCHEMA_VERSION == 2
+    assert second["event"] == "request" and second["route"] == "v2.model.metadata" and second["stage"] == "front"
+    version_1 = {k: v for k, v in first.items() if k != "route"} | {"schema_version": 1, "request_id": "old"}
+    (tmp_path / "audit.jsonl").write_text("\n".join(json.dumps(line) for line in (version_1, first, second)) + "\n")
+    table = read_feature_table(tmp_path / "audit.jsonl")
+    assert list(table.frame["request_id"]) == ["old", "p"]
+    assert table.n_lines == 3 and table.n_malformed == 0 and table.n_errors == 0
+    assert parse_audit_line(json.dumps(version_1)).schema_version == 1

@@ -158,3 +158,42 @@ def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path,
     answers = handler.handle([{"body": bytearray(good)}, {"body": bytearray(poison)}], context)
     assert [context.get_response_status(i)[0] for i in range(2)] == [200, 500]
     assert json.loads(answers[0])["decision"]["label"] and json.loads(answers[1])["code"] == "internal_error"
+    from serving.audit import read_audit_log
+    assert [(line["request_id"], line["event"], line["status"]) for line in read_audit_log(tmp_path / "audit.jsonl")] \
+        == [("a", "prediction", 200), ("b", "error", 500)]
+
+
+def test_a_batch_that_fails_as_a_whole_gets_one_error_line_per_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
+    """A bug after the model ran (building the answers) fails every request of the batch with a 500, and
+    the audit log then holds exactly one error line per request, no prediction line for an answer never sent."""
+    import shutil
+
+    from ts.context import Context, RequestProcessor
+
+    import serving.handler as handler_module
+    from serving.audit import read_audit_log
+    from serving.handler import CxrScreenHandler
+
+    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
+    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
+                      3, None, "0.12.0", metrics=_Metrics())
+    handler = CxrScreenHandler()
+    handler.initialize(context)
+    image = sorted((data_dir / "test" / "normal").glob("*.jpg"))[0].read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug while building the answer")
+
+    monkeypatch.setattr(handler_module, "response_body", broken)
+    context.request_processor = [RequestProcessor({"x-request-id": f"req-{i}", "x-caller-id": "hospital-a",
+                                                   "explain": "False"}) for i in range(3)]
+    context.request_ids = {i: f"ts-{i}" for i in range(3)}
+    answers = handler.handle([{"body": bytearray(image)}, {"body": bytearray(b"garbage")},
+                              {"body": bytearray(image)}], context)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [500, 500, 500]
+    assert [json.loads(answer)["request_id"] for answer in answers] == ["req-0", "req-1", "req-2"]
+    lines = read_audit_log(tmp_path / "audit.jsonl")
+    assert [(line["request_id"], line["event"], line["status"], line["error_code"]) for line in lines] == [
+        (f"req-{i}", "error", 500, "internal_error") for i in range(3)]
+    assert {line["caller_id"] for line in lines} == {"hospital-a"}
