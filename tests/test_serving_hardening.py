@@ -26,7 +26,7 @@ from serving.client import read_answers, v1_request, v2_request
 from serving.gate_report import incomplete_png
 from serving.schemas import MODEL_NAME
 from tests.imaging import dicom_bytes, gray_of, png_bytes
-from tests.test_serving import API_KEY, offline, png_with_size, serving_stack  # noqa: F401
+from tests.test_serving import API_KEY, CALLER, offline, png_with_size, serving_stack  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -196,6 +196,39 @@ def test_fuzz_every_route(stack, radiograph, gray):
         assert len(mine) == 1, (kind, mine)
         assert mine[0]["status"] == expected[kind][0], (kind, mine[0])
     print("\nfuzz table:\n" + "\n".join(f"  {kind}: {status} {code}" for kind, (status, code) in table.items()))
+
+
+def test_every_request_on_every_front_route_gets_exactly_one_audit_line(stack, radiograph):
+    """Metadata, readiness and health answered by the front, a refusal and a prediction: one line each,
+    naming the route (never the raw path), with the HTTP status the caller got."""
+    version = stack.http.get(f"{stack.front_url}/v2/models/{MODEL_NAME}",
+                             headers={"X-API-Key": API_KEY}).json()["versions"][0]
+    calls = {  # name: (method, path, with key, body, expected status, expected event, expected route)
+        "v2 model metadata": ("GET", f"/v2/models/{MODEL_NAME}", True, None, 200, "request", "v2.model.metadata"),
+        "v2 versioned metadata": ("GET", f"/v2/models/{MODEL_NAME}/versions/{version}", True, None, 200, "request",
+                                  "v2.model.metadata"),
+        "v2 model ready": ("GET", f"/v2/models/{MODEL_NAME}/ready", False, None, 200, "request", "v2.model.ready"),
+        "v2 server ready": ("GET", "/v2/health/ready", False, None, 200, "request", "v2.health.ready"),
+        "v2 server live": ("GET", "/v2/health/live", False, None, 200, "request", "v2.health.live"),
+        "v1 model status": ("GET", f"/v1/models/{MODEL_NAME}", False, None, 200, "request", "v1.model"),
+        "v1 without a key": ("POST", V1, False, v1_request([radiograph]), 401, "error", "v1.predict"),
+        "v1 predict": ("POST", V1, True, v1_request([radiograph]), 200, "prediction", None),
+        "v2 infer": ("POST", V2, True, v2_request([radiograph]), 200, "prediction", None),
+    }
+    ids = {}
+    for name, (method, path, keyed, body, status, _, _) in calls.items():
+        ids[name] = stack.new_id()
+        headers = {"X-Request-Id": ids[name], **({"X-API-Key": API_KEY} if keyed else {})}
+        response = stack.http.request(method, f"{stack.front_url}{path}", headers=headers,
+                                      content=json.dumps(body).encode() if body is not None else None)
+        assert response.status_code == status, (name, response.status_code)
+    lines = read_audit_log(stack.audit_log)
+    for name, (_, _, keyed, _, status, event, route) in calls.items():
+        mine = [line for line in lines if line["request_id"] == ids[name]]
+        assert [(line["event"], line["status"]) for line in mine] == [(event, status)], (name, mine)
+        if route is not None:
+            assert mine[0]["route"] == route and mine[0]["stage"] == "front", (name, mine[0])
+        assert mine[0]["caller_id"] == (CALLER if keyed else None), (name, mine[0])
 
 
 def test_ungradable_answer_presents_no_finding(stack):
