@@ -167,7 +167,8 @@ class Predictor:
         scores = self.score(pixels)
         raw, calibrated = scores.probabilities_raw, scores.probabilities
         verdicts = (self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness,
-                                       [quality.lung_segmentation_failed for quality in flags])
+                                       [quality.lung_segmentation_failed for quality in flags],
+                                       [min(quality.original_width, quality.original_height) for quality in flags])
                     if self.gate is not None else [None] * len(flags))
         results = []
         for row_raw, row_cal, quality, verdict in zip(raw, calibrated, flags, verdicts):

@@ -57,6 +57,9 @@ class GateConfig(BaseModel):
                                                      "radiographs reach 2.7: cropped paediatric films)")
     max_colour: float = Field(12.0, description="mean per-pixel channel spread (0-255) above which the image is a "
                                                 "colour photograph; radiographs are grey (JPEG chroma noise < 3)")
+    min_side: int = Field(100, description="shorter side of the original image, in pixels, below which it cannot "
+                                           "show the lung detail a reader grades (detectors give 2000+ px; the "
+                                           "data's own downscaled films reach 118 px, a third of one ~80 px)")
     scales: dict[str, float] = Field(description="per space: the validation 95th percentile of its OOD score")
     ood_threshold: float = Field(description="limit of the combined score max_space(score / scale), set as the "
                                              "(1 - target_refusal) quantile of validation")
@@ -84,6 +87,7 @@ REASONS = {
     "blank": "the image is blank or uniform (no contrast to read)",
     "noise": "the image is noise, not a radiograph",
     "aspect_ratio": "the image is a strip (aspect ratio beyond any chest detector)",
+    "too_small": "the image is too small to grade (its shorter side is under the gate's minimum)",
     "colour_photo": "the image is a colour photograph, not a radiograph",
     "not_a_chest_radiograph": "the image does not look like the chest radiographs the model was trained on",
     "lungs_not_found": "no lung fields were found and the image looks unlike the chest radiographs the model was "
@@ -187,13 +191,14 @@ class Gate:
 
     def verdicts(self, predictor, pixels: np.ndarray, aspect_ratios: list[float],
                  colourfulness: list[float] | None = None,
-                 lung_failed: list[bool] | None = None) -> list[GateVerdict]:
+                 lung_failed: list[bool] | None = None, min_sides: list[int] | None = None) -> list[GateVerdict]:
         """One verdict per prepared image; the first failing check names the reason."""
         pixels = np.asarray(pixels)
         std, noise = image_statistics(pixels)
         combined, scores = self.combined(predictor, pixels)
         colourfulness = colourfulness or [0.0] * len(pixels)
         lung_failed = lung_failed or [False] * len(pixels)
+        min_sides = min_sides or [None] * len(pixels)
         config = self.config
         verdicts = []
         for index, aspect in enumerate(aspect_ratios):
@@ -207,6 +212,8 @@ class Gate:
                 code = "noise"
             elif aspect > config.max_aspect_ratio:
                 code = "aspect_ratio"
+            elif min_sides[index] is not None and min_sides[index] < config.min_side:
+                code = "too_small"
             elif colourfulness[index] > config.max_colour:
                 code = "colour_photo"
             elif combined[index] > config.ood_threshold:

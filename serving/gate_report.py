@@ -11,6 +11,7 @@ must be input errors, code ``truncated``). The goal: real <= 1%, every garbage k
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import struct
@@ -51,6 +52,20 @@ def incomplete_png(gray: np.ndarray, fraction: float = 0.4) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _resize_longer(image: Image.Image, longer: int) -> Image.Image:
+    scale = longer / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+
+
+def sources_by_stem(data_dir: Path) -> dict[str, str]:
+    """File stem -> source dataset, from the data's ``manifest.csv`` (empty when it has none)."""
+    path = Path(data_dir) / "manifest.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        return {row["id"]: row.get("source_dataset") or "unknown" for row in csv.DictReader(handle) if row.get("id")}
 
 
 def garbage_kinds(radiographs: list[np.ndarray], seed: int = 0) -> dict[str, list[bytes]]:
@@ -96,6 +111,9 @@ def garbage_kinds(radiographs: list[np.ndarray], seed: int = 0) -> dict[str, lis
         h, w = height // 3, width // 3
         corners += [_png(np.ascontiguousarray(gray[:h, :w])), _png(np.ascontiguousarray(gray[-h:, -w:]))]
     kinds["radiograph_corner"] = corners
+    # the same corners at a radiograph's size: the size rule alone must not be what refuses a corner
+    kinds["radiograph_corner_full_size"] = [_png(np.asarray(_resize_longer(Image.open(io.BytesIO(corner)), 320)))
+                                            for corner in corners]
     kinds["truncated_png"] = [incomplete_png(gray) for gray in radiographs[:4]]
     kinds["truncated_jpeg"] = [_jpeg(gray)[: len(_jpeg(gray)) * 2 // 5] + b"\xff\xd9" for gray in radiographs[:4]]
     kinds["cut_png"] = [_png(gray)[: len(_png(gray)) // 2] for gray in radiographs[:4]]
@@ -111,7 +129,8 @@ def refused(result) -> tuple[bool, str]:
     return False, result.decision.label
 
 
-def measure(predictor, real: list[bytes], kinds: dict[str, list[bytes]], chunk: int = 32) -> dict:
+def measure(predictor, real: list[bytes], kinds: dict[str, list[bytes]], chunk: int = 32,
+            real_sources: list[str] | None = None) -> dict:
     def run(files: list[bytes]) -> list[tuple[bool, str]]:
         out = []
         for start in range(0, len(files), chunk):
@@ -122,6 +141,14 @@ def measure(predictor, real: list[bytes], kinds: dict[str, list[bytes]], chunk: 
     report = {"real_test": {"n": len(real_results), "refused": sum(r for r, _ in real_results),
                             "refusal_rate": round(float(np.mean([r for r, _ in real_results])), 4),
                             "refused_codes": dict(Counter(code for r, code in real_results if r))}}
+    if real_sources is not None:
+        per_source = {}
+        for source in sorted(set(real_sources)):
+            mine = [result for result, of in zip(real_results, real_sources) if of == source]
+            per_source[source] = {"n": len(mine), "refused": sum(r for r, _ in mine),
+                                  "refusal_rate": round(float(np.mean([r for r, _ in mine])), 4),
+                                  "refused_codes": dict(Counter(code for r, code in mine if r))}
+        report["real_test"]["per_source"] = per_source
     garbage = {}
     for kind, files in kinds.items():
         results = run(files)
@@ -141,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.bundle} has no gate; fit one with python -m cxr_core.gate fit --bundle DIR")
     paths = sorted((args.data_dir / "test").glob("*/*.jpg"))
     real = [path.read_bytes() for path in paths]
+    sources = sources_by_stem(args.data_dir)
     grays = [np.asarray(Image.open(path).convert("L")) for path in paths[:: max(1, len(paths) // 6)][:6]]
     report = {"bundle": args.bundle_name or str(args.bundle), "family": predictor.manifest.model.name,
               "image_size": predictor.manifest.preprocess.image_size, "gate": predictor.manifest.gate.model_dump(),
-              **measure(predictor, real, garbage_kinds(grays))}
+              **measure(predictor, real, garbage_kinds(grays),
+                        real_sources=[sources.get(path.stem, "unknown") for path in paths])}
     report["all_garbage_refused"] = all(kind["refusal_rate"] == 1.0 for kind in report["garbage"].values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

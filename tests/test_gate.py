@@ -65,6 +65,27 @@ def test_gate_is_fitted_stored_and_applied(bundle_fixture, request, grays, real_
             assert gated.decision == plain.decision and gated.probabilities == plain.probabilities
 
 
+def test_an_image_too_small_to_grade_is_refused_by_its_size(monitoring_bundle, grays):
+    """The size rule reads the original's shorter side: under ``min_side`` it is too_small, at it the rule
+    is silent (whatever else the gate says)."""
+    import io
+
+    predictor = load_bundle(monitoring_bundle)
+    limit = predictor.gate.config.min_side
+    assert limit == 100
+
+    def shrunk(side: int) -> bytes:
+        image = Image.fromarray(grays[0])
+        scale = side / min(image.size)
+        buffer = io.BytesIO()
+        image.resize((round(image.width * scale), round(image.height * scale))).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    small, enough = predictor.predict_many([shrunk(limit - 10), shrunk(limit)])
+    assert small.gate.code == "too_small" and small.decision.label == UNGRADABLE and "too small" in small.gate.reason
+    assert enough.gate.code != "too_small"
+
+
 def test_incomplete_png_and_jpeg_are_truncated_not_padded(grays):
     from cxr_core.decode import decode_grayscale
 

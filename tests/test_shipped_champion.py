@@ -72,3 +72,9 @@ def test_shipped_champion_refuses_radiograph_corners_and_photographs(data_dir):
         answers = predictor.predict_many(kinds[kind])
         diagnosed = [a.decision.label for a in answers if not isinstance(a, InputError) and a.gradable]
         assert diagnosed == [], (kind, diagnosed)
+    # the same corners scaled to a radiograph's size: the size rule no longer applies, and the OOD
+    # scores of some overlap those of real films whose lungs were not found -- a known gap
+    # (reports/serving/gate.json), guarded here so that it does not widen
+    answers = predictor.predict_many(kinds["radiograph_corner_full_size"])
+    refused = [isinstance(a, InputError) or not a.gradable for a in answers]
+    assert np.mean(refused) >= 0.8, refused
