@@ -142,8 +142,8 @@ gate: install ## fit the gradability gate into BUNDLE=dir (default: the champion
 gate-report: install ## the gate's refusals on the real test split and on every garbage kind -> reports/serving/gate.json
 	$(PY) -m serving.gate_report --bundle $(or $(BUNDLE),$(CHAMPION_BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/gate.json
 
-conformance: install ## tritonclient + kserve's REST client against a fresh stack serving BUNDLE -> reports/serving/conformance.json
-	$(PY) -m serving.conformance --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/conformance.json
+conformance: install ## tritonclient + kserve's REST client against a fresh stack serving BUNDLE (default: the shipped champion) -> reports/serving/conformance.json
+	$(PY) -m serving.conformance --bundle $(or $(BUNDLE),$(CHAMPION_BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/serving/conformance.json
 
 explain: mlflow ## Grad-CAM overlay of one image: make explain IMAGE=... [BUNDLE=dir] [METHOD=gradcam++]
 	$(PY) -m serving.explain $(IMAGE) $(if $(BUNDLE),--bundle $(BUNDLE),--model-uri $(MODEL_URI)) --method $(METHOD) --out $(REPORTS)/serving/overlay.png
