@@ -162,14 +162,21 @@ class Predictor:
         return BatchScores(logits=logits, probabilities_raw=raw, probabilities=calibrated,
                            decisions=self.manifest.policy.decide_indices(calibrated))
 
+    def gate_verdicts(self, pixels: np.ndarray, flags: list[QualityFlags],
+                      colourfulness: list[float] | None = None) -> list[GateVerdict | None]:
+        """The gate's verdict per prepared image (``None`` each without a gate): the one call serving,
+        the triage CLI and offline evaluation make, so all three refuse the same images."""
+        if self.gate is None:
+            return [None] * len(flags)
+        return self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness,
+                                  [quality.lung_segmentation_failed for quality in flags],
+                                  [min(quality.original_width, quality.original_height) for quality in flags])
+
     def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags],
                          colourfulness: list[float] | None = None) -> list[Prediction]:
         scores = self.score(pixels)
         raw, calibrated = scores.probabilities_raw, scores.probabilities
-        verdicts = (self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness,
-                                       [quality.lung_segmentation_failed for quality in flags],
-                                       [min(quality.original_width, quality.original_height) for quality in flags])
-                    if self.gate is not None else [None] * len(flags))
+        verdicts = self.gate_verdicts(pixels, flags, colourfulness)
         results = []
         for row_raw, row_cal, quality, verdict in zip(raw, calibrated, flags, verdicts):
             probabilities_raw = {c: float(p) for c, p in zip(self.classes, row_raw)}

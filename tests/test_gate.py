@@ -43,8 +43,12 @@ def test_gate_is_fitted_stored_and_applied(bundle_fixture, request, grays, real_
     assert manifest["gate"]["refusal_rates"]["val"] <= 0.011 + 1.0 / manifest["gate"]["n_fit"]
     predictor = load_bundle(bundle)
     assert predictor.gate is not None
-    report = measure(predictor, real_test, garbage_kinds(grays))
+    halves = ["first" if k < len(real_test) // 2 else "second" for k in range(len(real_test))]
+    report = measure(predictor, real_test, garbage_kinds(grays), real_sources=halves)
     assert report["real_test"]["refusal_rate"] <= 0.05, report["real_test"]  # small bundles, small val splits
+    per_source = report["real_test"]["per_source"]
+    assert sum(row["n"] for row in per_source.values()) == len(real_test)
+    assert sum(row["refused"] for row in per_source.values()) == report["real_test"]["refused"]
     for kind, code in RULE_KINDS.items():  # image statistics: whatever the model
         codes = report["garbage"][kind]["codes"]
         # noise shrunk to a 64 px model input averages out to a flat image: blank is also right

@@ -112,10 +112,7 @@ def score_records(predictor: Predictor, records: list[ImageRecord], batch_size: 
         decisions.append(scores.decisions)
         if predictor.gate is not None:
             batch = prepared[start:start + batch_size]
-            verdicts = predictor.gate.verdicts(predictor, chunk, [p.flags.aspect_ratio for p in batch],
-                                               [p.colourfulness for p in batch],
-                                               [p.flags.lung_segmentation_failed for p in batch],
-                                               [min(p.flags.original_width, p.flags.original_height) for p in batch])
+            verdicts = predictor.gate_verdicts(chunk, [p.flags for p in batch], [p.colourfulness for p in batch])
             refusals.extend(None if v.gradable else v.code for v in verdicts)
         else:
             refusals.extend([None] * len(chunk))
