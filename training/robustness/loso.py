@@ -34,7 +34,8 @@ import numpy as np
 
 from cxr_core.bundle import load_bundle, read_manifest
 from training.cache import load_pixel_array
-from training.config import TrainConfig, parse_overrides
+from cxr_core.config import parse_overrides
+from training.config import TrainConfig
 from training.data import Dataset, default_data_dir
 from training.datasets import load_training_data, open_dataset
 from training.evaluate import evaluate_predictions
