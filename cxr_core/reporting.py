@@ -29,8 +29,20 @@ def fmt_signed(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
-def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """GitHub-flavoured Markdown table lines (header, separator, one line per row)."""
-    lines = ["| " + " | ".join(str(cell) for cell in header) + " |", "|" + "---|" * len(header)]
+_SEPARATORS = {"l": "---", "r": "---:", "c": ":---:"}
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]],
+                   align: Sequence[str] | None = None) -> list[str]:
+    """GitHub-flavoured Markdown table lines (header, separator, one line per row).
+
+    ``align``: one of ``l``/``r``/``c`` per column (a string such as ``"lrr"`` does); left where
+    absent. Numbers read best right-aligned, which is why the benchmark tables ask for it.
+    """
+    align = align if align is not None else "l" * len(header)
+    if len(align) != len(header) or any(a not in _SEPARATORS for a in align):
+        raise ValueError(f"align {align!r}: one of l/r/c for each of the {len(header)} columns")
+    lines = ["| " + " | ".join(str(cell) for cell in header) + " |",
+             "|" + "".join(_SEPARATORS[a] + "|" for a in align)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines

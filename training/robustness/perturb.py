@@ -33,6 +33,7 @@ from tqdm import tqdm
 from cxr_core.bundle import Predictor, load_bundle
 from cxr_core.decode import decode_grayscale
 from cxr_core.preprocess import prepare_gray, to_uint8
+from cxr_core.reporting import markdown_table
 from training.data import ImageRecord, default_data_dir
 from training.datasets import open_dataset, sample_per_class
 from training.provenance import git_commit, utc_now
@@ -263,22 +264,19 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
         lines += [f"## {name}", "", f"Bundle `{result['bundle']}`, {result['n']} images. Clean: macro AUC "
                   f"{_f(clean['macro_auc'])}, TB sensitivity {_f(clean['tuberculosis_sensitivity'])}, TB specificity "
                   f"{_f(clean['tuberculosis_specificity'])}, pneumonia sensitivity {_f(clean['pneumonia_sensitivity'])}. "
-                  f"Figure: `perturb_{name}.png`.", "",
-                  "| perturbation | levels | TB sens per level | TB spec per level | pneumonia sens per level "
-                  "| macro AUC per level | first level TB sens < floor | first level TB sens drops > margin "
-                  "| decisions changed at max |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"Figure: `perturb_{name}.png`.", ""]
+        table = []
         for pert, rows in result["perturbations"].items():
             s = result["summary"][pert]
-            below, drop = s[floor_key], s[drop_key]
-            levels = ", ".join(f"{r['level']:g}" for r in rows)
-            per_level = {key: " / ".join(_f(r[key]) for r in rows)
+            per_level = [" / ".join(_f(r[key]) for r in rows)
                          for key in ("tuberculosis_sensitivity", "tuberculosis_specificity", "pneumonia_sensitivity",
-                                     "macro_auc")}
-            lines.append(
-                f"| {pert} | {levels} | {per_level['tuberculosis_sensitivity']} | {per_level['tuberculosis_specificity']} "
-                f"| {per_level['pneumonia_sensitivity']} "
-                f"| {per_level['macro_auc']} | {_level(below)} | {_level(drop)} | {_f(rows[-1]['decisions_changed'])} |")
+                                     "macro_auc")]
+            table.append([pert, ", ".join(f"{r['level']:g}" for r in rows), *per_level, _level(s[floor_key]),
+                          _level(s[drop_key]), _f(rows[-1]["decisions_changed"])])
+        lines += markdown_table(
+            ["perturbation", "levels", "TB sens per level", "TB spec per level", "pneumonia sens per level",
+             "macro AUC per level", "first level TB sens < floor", "first level TB sens drops > margin",
+             "decisions changed at max"], table)
         lines.append("")
     lines += ["Level #0 is the clean image. \"first level TB sens < floor\" is #0 when the clean sensitivity is "
               "already below the floor; a perturbation can also raise TB sensitivity by calling more images TB "

@@ -47,6 +47,7 @@ from cxr_core.bundle import Predictor, load_bundle
 from cxr_core.explain import ZoneConfig, cam_heatmap, central_chest_box, lung_zone_shares
 from cxr_core.hog import hog_features
 from cxr_core.preprocess import pixels_to_tensor
+from cxr_core.reporting import markdown_table
 from training.cache import load_pixel_array
 from training.data import ImageRecord
 from training.datasets import open_dataset, sample_per_class
@@ -307,34 +308,33 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
              "decided class's evidence outside the central chest region.", ""]
     for name, result in document["bundles"].items():
         lines += [f"## {name}", "", f"Bundle `{result['bundle']}`; probes on {result['probe_images']} images "
-                  f"({'+'.join(result['probe_splits'])}), {result['feature_dim']} features.", "",
-                  "| probe target | n | classes | accuracy | chance | balanced accuracy | balanced chance |",
-                  "|---|---|---|---|---|---|---|"]
-        for target, p in result["probes"].items():
-            classes = ", ".join(f"{k} {v}" for k, v in p["counts"].items())
-            lines.append(f"| {target} | {p['n']} | {classes} | {_f(p['accuracy'])} | {_f(p['chance'])} "
-                         f"| {_f(p['balanced_accuracy'])} | {_f(p['balanced_chance'])} |")
+                  f"({'+'.join(result['probe_splits'])}), {result['feature_dim']} features.", ""]
+        lines += markdown_table(
+            ["probe target", "n", "classes", "accuracy", "chance", "balanced accuracy", "balanced chance"],
+            [[target, p["n"], ", ".join(f"{k} {v}" for k, v in p["counts"].items()), _f(p["accuracy"]),
+              _f(p["chance"]), _f(p["balanced_accuracy"]), _f(p["balanced_chance"])]
+             for target, p in result["probes"].items()])
         m = result["masking"]
-        lines += ["", f"Masking ({m['n']} test images, chance accuracy {_f(m['chance_accuracy'])}):", "",
-                  "| view | accuracy (argmax) | accuracy (policy) | macro AUC | AUC normal | AUC pneumonia | AUC TB "
-                  "| TB sens (policy) | same-pop TB AUC (adult) |", "|---|---|---|---|---|---|---|---|---|"]
-        for view in ("unmasked", "chest_masked", "only_chest"):
-            v = m[view]
-            lines.append(f"| {view} | {_f(v['accuracy_argmax'])} | {_f(v['accuracy_policy'])} | {_f(v['macro_auc'])} "
-                         f"| {_f(v['auc'].get('normal'))} | {_f(v['auc'].get('pneumonia'))} "
-                         f"| {_f(v['auc'].get('tuberculosis'))} | {_f(v['sensitivity'].get('tuberculosis'))} "
-                         f"| {_f(v['same_population_auc'].get('tuberculosis', {}).get('adult'))} |")
+        lines += ["", f"Masking ({m['n']} test images, chance accuracy {_f(m['chance_accuracy'])}):", ""]
+        lines += markdown_table(
+            ["view", "accuracy (argmax)", "accuracy (policy)", "macro AUC", "AUC normal", "AUC pneumonia", "AUC TB",
+             "TB sens (policy)", "same-pop TB AUC (adult)"],
+            [[view, _f(v["accuracy_argmax"]), _f(v["accuracy_policy"]), _f(v["macro_auc"]),
+              _f(v["auc"].get("normal")), _f(v["auc"].get("pneumonia")), _f(v["auc"].get("tuberculosis")),
+              _f(v["sensitivity"].get("tuberculosis")),
+              _f(v["same_population_auc"].get("tuberculosis", {}).get("adult"))]
+             for view, v in ((view, m[view]) for view in ("unmasked", "chest_masked", "only_chest"))])
         e = result["evidence"]
         lines += ["", f"Evidence outside the central chest region — {e['method']} (uniform map: "
                       f"{_f(e.get('uniform_outside'))}; warning at {_f(e.get('warn_at'))}):", ""]
         if "all" in e:
-            lines += ["| group | n | mean share outside | median | share of images warned |", "|---|---|---|---|---|"]
             rows = [("all", e["all"])] + [(f"true {k}", v) for k, v in e["per_true_class"].items()] \
                 + [(f"decided {k}", v) for k, v in e["per_decided_class"].items()] \
                 + [(f"source {k}", v) for k, v in e["per_source"].items()]
-            for group, s in rows:
-                lines.append(f"| {group} | {s['n']} | {_f(s.get('mean_outside'))} | {_f(s.get('median_outside'))} "
-                             f"| {_f(s.get('share_warned'))} |")
+            lines += markdown_table(
+                ["group", "n", "mean share outside", "median", "share of images warned"],
+                [[group, s["n"], _f(s.get("mean_outside")), _f(s.get("median_outside")), _f(s.get("share_warned"))]
+                 for group, s in rows])
         lines.append("")
     path.write_text("\n".join(lines))
 
