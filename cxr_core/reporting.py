@@ -7,8 +7,37 @@ a table looks the same everywhere and ``None`` always reads ``n/a``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
+
+
+def json_ready(value: Any, digits: int | None = None) -> Any:
+    """A report's numbers as strict JSON: numpy -> Python, NaN/inf -> None, tuples -> lists, keys -> str.
+
+    ``json.dumps`` would write NaN as the non-JSON ``NaN`` and refuse numpy scalars; ``digits``
+    rounds floats where a report shows no more (the drift summary keeps 6).
+    """
+    if isinstance(value, Mapping):
+        return {str(key): json_ready(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item, digits) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist(), digits)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if not math.isfinite(number):
+            return None
+        return number if digits is None else round(number, digits)
+    if hasattr(value, "item"):  # other numpy-like scalars
+        return json_ready(value.item(), digits)
+    return value
 
 
 def fmt(value: Any, digits: int = 3) -> str:

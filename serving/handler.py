@@ -48,23 +48,12 @@ from serving.envelopes import (  # noqa: E402
 )
 from serving.redact import install_redaction  # noqa: E402
 from serving.schemas import PIXEL_BUDGET_ENV, PIXEL_BUDGET_MP  # noqa: E402
-from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, http_status  # noqa: E402
+from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, clean_id, http_status  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 BUNDLE_DIR = "bundle"
 THREADS_ENV = "CXR_TORCH_THREADS"
-MAX_REQUEST_ID = 128
-
-
-def _clean_id(value: Any) -> str | None:
-    """Request/caller ids go into logs: printable ASCII, bounded length."""
-    if not isinstance(value, str) or not value:
-        return None
-    cleaned = "".join(ch for ch in value if 32 < ord(ch) < 127)[:MAX_REQUEST_ID]
-    return cleaned or None
-
-
 def _error_of(error: Exception) -> tuple[str, str]:
     code = getattr(error, "code", "bad_input")
     return code, str(error) or code
@@ -119,7 +108,7 @@ class CxrScreenHandler(BaseHandler):
                 self._set_status(context, index, 500)
                 answers.append(json.dumps(error_body(
                     "internal_error", "the model server failed on this request; the failure is logged",
-                    _clean_id(context.get_request_id(index)))))
+                    clean_id(context.get_request_id(index)))))
             return answers
 
     def describe(self) -> dict[str, Any]:
@@ -158,8 +147,8 @@ class CxrScreenHandler(BaseHandler):
         for index, row in enumerate(data):
             headers = self._headers(context, index)
             explain_route = headers.get("explain") == "True"
-            request_id = _clean_id(headers.get("x-request-id")) or _clean_id(context.get_request_id(index)) or str(index)
-            meta.append({"request_id": request_id, "caller_id": _clean_id(headers.get("x-caller-id")),
+            request_id = clean_id(headers.get("x-request-id")) or clean_id(context.get_request_id(index)) or str(index)
+            meta.append({"request_id": request_id, "caller_id": clean_id(headers.get("x-caller-id")),
                          "explain_route": explain_route})
             try:
                 requests.append(parse_request(row, headers.get("content-type", ""), explain_route))

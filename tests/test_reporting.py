@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.reporting import markdown_table
+from cxr_core.reporting import json_ready, markdown_table
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 
@@ -51,3 +51,15 @@ def test_committed_locust_summary_is_what_its_writer_renders():
 
     summary = json.loads((REPORTS / "loadtest" / "locust_summary.json").read_text())
     assert summary_markdown(summary) == (REPORTS / "loadtest" / "locust_summary.md").read_text()
+
+
+def test_json_ready_makes_strict_json():
+    import numpy as np
+
+    value = {1: (np.float32(0.5), np.int64(3), np.bool_(True)), "a": [float("nan"), float("inf"), np.float64(-np.inf)],
+             "m": np.array([[1, 2]]), "x": "s", "n": None}
+    ready = json_ready(value)
+    assert ready == {"1": [0.5, 3, True], "a": [None, None, None], "m": [[1, 2]], "x": "s", "n": None}
+    assert type(ready["1"][1]) is int and type(ready["1"][2]) is bool
+    json.dumps(ready, allow_nan=False)
+    assert json_ready({"p": 0.123456789, "q": np.float64(2 / 3)}, digits=6) == {"p": 0.123457, "q": 0.666667}
