@@ -9,6 +9,7 @@ the dotted field, so a person running a command sees what to fix without reading
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,13 +58,16 @@ def load_yaml_mapping(path: Path | str) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` laid over it; nested mappings merge, anything else is replaced."""
-    merged = dict(base)
+    """``base`` with ``overrides`` laid over it; nested mappings merge, anything else is replaced.
+
+    The result shares nothing with either input, so changing it never changes a caller's defaults.
+    """
+    merged = copy.deepcopy(dict(base))
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(merged[key], value)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

@@ -31,6 +31,11 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     merged = deep_merge(base, {"a": {"c": [3]}, "e": {"f": 2}})
     assert merged == {"a": {"b": 1, "c": [3]}, "d": 1, "e": {"f": 2}}
     assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}  # the base is not changed
+    overrides = {"e": {"f": [2]}}
+    unchanged = deep_merge(base, overrides)
+    unchanged["a"]["c"].append(9)
+    unchanged["e"]["f"].append(9)
+    assert base["a"]["c"] == [1, 2] and overrides == {"e": {"f": [2]}}  # nor shared with the result
 
 
 def test_parse_overrides_nests_keys_and_types_values_as_yaml():

@@ -28,6 +28,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from cxr_core.bundle import Predictor, load_bundle
@@ -208,10 +209,7 @@ def run_bundle(predictor: Predictor, records: list[ImageRecord], settings: Pertu
 
 
 def plot_bundle(name: str, result: dict[str, Any], settings: PerturbConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.figures import plt, save_figure
 
     perturbations = list(result["perturbations"])
     columns = 5
@@ -236,9 +234,7 @@ def plot_bundle(name: str, result: dict[str, Any], settings: PerturbConfig, path
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{name}: test metrics at the bundle's policy thresholds vs perturbation severity "
                  f"(grey: TB floor {settings.sensitivity_floor:.2f})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _f(x) -> str:
@@ -344,6 +340,20 @@ def bundle_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return specs
 
 
+def audit_document(args: argparse.Namespace, settings: BaseModel, **extra: Any) -> dict[str, Any]:
+    """The head every bundle audit's JSON starts with; ``bundles`` is filled one bundle at a time."""
+    return {"created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir), **extra,
+            "settings": settings.model_dump(), "bundles": {}}
+
+
+def write_audit_report(document: dict[str, Any], args: argparse.Namespace,
+                       write_markdown: Callable[[dict[str, Any], Path], None], prog: str) -> None:
+    """``<out>/<name>.json`` and the Markdown rendered from it (the .md is never edited by hand)."""
+    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
+    write_markdown(document, args.out / f"{args.name}.md")
+    print(f"{prog}: report {args.out / f'{args.name}.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.robustness.perturb", description=__doc__.split("\n\n")[0])
     add_audit_arguments(parser, "perturb")
@@ -356,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = open_dataset(args.data_dir, args.exclusions)
     records = sample_per_class(dataset.split(args.split), args.limit_per_class, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        "created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir), "split": args.split,
-        "limit_per_class": args.limit_per_class, "settings": settings.model_dump(), "bundles": {},
-    }
+    document = audit_document(args, settings, split=args.split, limit_per_class=args.limit_per_class)
     for spec in specs:
         name, directory = bundle_name(spec)
         predictor = load_bundle(directory)
@@ -371,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = {p: s[floor_key] for p, s in result["summary"].items()}
         print(f"perturb: {name}: clean TB sensitivity {_f(result['clean']['tuberculosis_sensitivity'])}; first level "
               f"below {settings.sensitivity_floor:.2f}: " + ", ".join(f"{p} {_level(v)}" for p, v in worst.items()))
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    write_markdown(document, args.out / f"{args.name}.md")
-    print(f"perturb: report {args.out / f'{args.name}.md'}")
+    write_audit_report(document, args, write_markdown, "perturb")
     return 0
 
 

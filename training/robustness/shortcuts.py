@@ -27,7 +27,6 @@ Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (name: ``shortcuts``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import Counter
@@ -51,10 +50,10 @@ from cxr_core.reporting import markdown_table
 from training.cache import load_pixel_array
 from training.data import ImageRecord
 from training.datasets import open_dataset, sample_per_class
-from training.provenance import git_commit, utc_now
 from training.robustness.config import RobustnessConfig, ShortcutConfig
 from training.robustness.measures import operating_point_metrics, value
-from training.robustness.perturb import add_audit_arguments, bundle_name, bundle_specs
+from training.robustness.perturb import (add_audit_arguments, audit_document, bundle_name, bundle_specs,
+                                         write_audit_report)
 from training.robustness.populations import UNKNOWN_AGE, age_group
 
 log = logging.getLogger("training.robustness.shortcuts")
@@ -348,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     settings = RobustnessConfig.from_yaml(args.robustness).shortcuts
     dataset = open_dataset(args.data_dir, args.exclusions)
-    document: dict[str, Any] = {"created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir),
-                                "settings": settings.model_dump(), "bundles": {}}
+    document = audit_document(args, settings)
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         name, directory = bundle_name(spec)
@@ -362,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               f"accuracy {_f(result['masking']['chest_masked']['accuracy_argmax'])} (chance "
               f"{_f(result['masking']['chance_accuracy'])}); outside-chest evidence "
               f"{_f(result['evidence'].get('all', {}).get('mean_outside'))}")
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    write_markdown(document, args.out / f"{args.name}.md")
-    print(f"shortcuts: report {args.out / f'{args.name}.md'}")
+    write_audit_report(document, args, write_markdown, "shortcuts")
     return 0
 
 
