@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from charts.kube import kube_api
+
 KEEP = {"helm.sh/resource-policy": "keep"}
 GENERATED_LABEL = {"cxr-screen/generated-by": "secrets-hook"}
 SPEC = re.compile(r"^(?P<name>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)/(?P<key>[-._a-zA-Z0-9]+)=(?P<template>.*\{token\}.*)$")
@@ -48,17 +50,6 @@ class SecretSpec:
 
     def value(self, nbytes: int) -> str:
         return self.template.replace("{token}", secrets.token_urlsafe(nbytes))
-
-
-def core_api():
-    """CoreV1Api from the pod's ServiceAccount, else the local kubeconfig (tests, people)."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CoreV1Api()
 
 
 def ensure(api: Any, namespace: str, spec: SecretSpec, labels: dict[str, str], nbytes: int = 32) -> str:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None, api: Any = None) -> int:
 
     code = 0
     try:
-        api = api or core_api()
+        api = api or kube_api("CoreV1Api")
         for spec in specs:
             action = ensure(api, namespace, spec, labels, args.bytes)
             print(json.dumps({"namespace": namespace, "secret": spec.name, "key": spec.key, "action": action}))

@@ -36,6 +36,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from cxr_core.reporting import markdown_table
+
 CHARTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CHARTS_DIR.parent
 CHART_DIR = CHARTS_DIR / "cxr-screen"
@@ -467,16 +469,9 @@ def format_table(reports: Sequence[ValuesReport]) -> str:
     """A Markdown table: one row per kind, one column per values file, counts in the cells."""
     kinds = sorted({kind for report in reports for kind in report.kinds})
     columns = [Path(report.name).name.removesuffix("-values.yaml") for report in reports]
-    lines = [
-        "| kind | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    for kind in kinds:
-        cells = [str(report.kinds.get(kind, 0)) for report in reports]
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    totals = [str(sum(report.kinds.values())) for report in reports]
-    lines.append("| **total** | " + " | ".join(totals) + " |")
-    return "\n".join(lines)
+    rows = [[kind, *(report.kinds.get(kind, 0) for report in reports)] for kind in kinds]
+    rows.append(["**total**", *(sum(report.kinds.values()) for report in reports)])
+    return "\n".join(markdown_table(["kind", *columns], rows, align="l" + "r" * len(columns)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

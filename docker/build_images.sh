@@ -148,7 +148,8 @@ build_context() {
   rm -rf "$context"
   mkdir -p "$context"
   (cd "$ROOT" && tar -c --exclude='__pycache__' --exclude='*.pyc' \
-      requirements.txt constraints.txt cxr_core training serving monitoring configs docker) |
+      requirements.txt constraints.txt cxr_core training serving monitoring configs docker \
+      charts/__init__.py charts/kube.py charts/secrets.py) |
     tar -x -C "$context"
   # Behind a TLS-inspecting proxy pip in the build needs this host's CA bundle (build stage only).
   local ca=${BUILD_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-}}}

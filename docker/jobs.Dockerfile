@@ -42,10 +42,10 @@ COPY training/ /app/training/
 COPY serving/ /app/serving/
 COPY monitoring/ /app/monitoring/
 COPY configs/ /app/configs/
-COPY charts/__init__.py charts/secrets.py /app/charts/
+COPY charts/__init__.py charts/kube.py charts/secrets.py /app/charts/
 COPY docker/healthcheck.py /usr/local/bin/cxr-healthcheck
 RUN chmod 0755 /usr/local/bin/cxr-healthcheck \
- && /opt/venv/bin/python -c "import ray, mlflow, psycopg2, boto3, cxr_core, training, monitoring, charts.secrets"
+ && /opt/venv/bin/python -c "import ray, mlflow, psycopg2, boto3, cxr_core, training, monitoring, charts.kube, charts.secrets, monitoring.trigger"
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 HOME=/home/ray
 USER 1000:1000

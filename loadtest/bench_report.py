@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxr_core.reporting import markdown_table
+
 ROUTE_NAMES = {"torchserve": "TorchServe native", "front_v1": "KServe front v1", "front_v2": "KServe front v2"}
 
 
@@ -18,19 +20,20 @@ def _knobs(knobs: dict[str, Any]) -> str:
 
 def summary_table(report: dict[str, Any]) -> list[str]:
     raw, best_any = report["raw_batched_best"], report["raw_best_any_batch"]
-    lines = ["| phase | serving settings | route | best images/s (concurrency) | p50 / p95 / p99 ms there | "
-             f"ratio vs raw batched ({raw['images_per_s']:.2f}/s) | ratio vs raw best, any batch ({best_any['images_per_s']:.2f}/s) "
-             "| p95 ms single (v2, c=1) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    rows = []
     for phase in ("before", "after"):
         data = report[phase]
         for route, best in data["best"].items():
             shown = f"{best['images_per_s']:.2f} (c={best['concurrency']})" if best else "-"
             latency = f"{_ms(best['p50_ms'])} / {_ms(best['p95_ms'])} / {_ms(best['p99_ms'])}" if best else "-"
-            lines.append(f"| {phase} | {_knobs(data['knobs'])} | {ROUTE_NAMES.get(route, route)} | {shown} | {latency} | "
-                         f"{_ratio(data['ratio'][route])} | {_ratio(data['ratio_vs_raw_best_any_batch'][route])} | "
-                         f"{_ms(data['p95_ms_single']) if route == 'front_v2' else ''} |")
-    return lines
+            rows.append([phase, _knobs(data["knobs"]), ROUTE_NAMES.get(route, route), shown, latency,
+                         _ratio(data["ratio"][route]), _ratio(data["ratio_vs_raw_best_any_batch"][route]),
+                         _ms(data["p95_ms_single"]) if route == "front_v2" else ""])
+    return markdown_table(
+        ["phase", "serving settings", "route", "best images/s (concurrency)", "p50 / p95 / p99 ms there",
+         f"ratio vs raw batched ({raw['images_per_s']:.2f}/s)",
+         f"ratio vs raw best, any batch ({best_any['images_per_s']:.2f}/s)", "p95 ms single (v2, c=1)"],
+        rows, align="lllrrrrr")
 
 
 def _ratio(value: float | None) -> str:
@@ -38,47 +41,44 @@ def _ratio(value: float | None) -> str:
 
 
 def raw_table(report: dict[str, Any]) -> list[str]:
-    lines = ["| torch threads | batch | images/s (median of passes) | passes (before, between, after the sweeps) |",
-             "|---:|---:|---:|---|"]
-    for row in report["raw"]:
-        passes = ", ".join(f"{value:.2f}" for value in row["passes"])
-        lines.append(f"| {row['threads']} | {row['batch_size']} | {row['images_per_s']:.2f} | {passes} |")
-    return lines
+    return markdown_table(
+        ["torch threads", "batch", "images/s (median of passes)", "passes (before, between, after the sweeps)"],
+        [[row["threads"], row["batch_size"], f"{row['images_per_s']:.2f}",
+          ", ".join(f"{value:.2f}" for value in row["passes"])] for row in report["raw"]],
+        align="rrrl")
 
 
 def end_to_end_table(report: dict[str, Any]) -> list[str]:
     """Before and after side by side: the two stacks were measured in alternation, level by level."""
-    lines = ["| route | concurrency | before images/s | before p50 / p95 / p99 ms | after images/s | "
-             "after p50 / p95 / p99 ms | failures before / after | load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     before, after = report["before"]["end_to_end"], report["after"]["end_to_end"]
-    for route, levels in before.items():
-        for old, new in zip(levels, after[route]):
-            lines.append(f"| {ROUTE_NAMES.get(route, route)} | {old['concurrency']} | {old['images_per_s']:.2f} | "
-                         f"{_ms(old['p50_ms'])} / {_ms(old['p95_ms'])} / {_ms(old['p99_ms'])} | {new['images_per_s']:.2f} | "
-                         f"{_ms(new['p50_ms'])} / {_ms(new['p95_ms'])} / {_ms(new['p99_ms'])} | "
-                         f"{old['failures']} / {new['failures']} | {new.get('load_average_1m', '-')} |")
-    return lines
+    rows = [[ROUTE_NAMES.get(route, route), old["concurrency"], f"{old['images_per_s']:.2f}",
+             f"{_ms(old['p50_ms'])} / {_ms(old['p95_ms'])} / {_ms(old['p99_ms'])}", f"{new['images_per_s']:.2f}",
+             f"{_ms(new['p50_ms'])} / {_ms(new['p95_ms'])} / {_ms(new['p99_ms'])}",
+             f"{old['failures']} / {new['failures']}", new.get("load_average_1m", "-")]
+            for route, levels in before.items() for old, new in zip(levels, after[route])]
+    return markdown_table(
+        ["route", "concurrency", "before images/s", "before p50 / p95 / p99 ms", "after images/s",
+         "after p50 / p95 / p99 ms", "failures before / after", "load avg"], rows, align="lrrrrrrr")
 
 
 def tuning_table(tuning: dict[str, Any]) -> list[str]:
-    lines = ["| trial | varied | workers | batch | delay ms | torch threads | netty | candidate images/s | "
-             "incumbent images/s | gain | candidate p95 ms | kept |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = []
     for trial in tuning["trials"]:
         knobs = trial["knobs"]
-        head = (f"| {trial['trial']} | {trial['varied']} | {knobs['workers']} | {knobs['batch_size']} | "
-                f"{knobs['max_batch_delay_ms']} | {knobs['torch_threads']} | {knobs['netty_threads']} |")
+        head = [trial["trial"], trial["varied"], knobs["workers"], knobs["batch_size"], knobs["max_batch_delay_ms"],
+                knobs["torch_threads"], knobs["netty_threads"]]
         if trial.get("skipped") or trial.get("error"):
-            lines.append(f"{head} {'skipped: ' + trial['skipped'] if trial.get('skipped') else 'error: ' + trial['error'][:80]}"
-                         " | | | | |")
+            why = "skipped: " + trial["skipped"] if trial.get("skipped") else "error: " + trial["error"][:80]
+            rows.append([*head, why, "", "", "", ""])
             continue
         kept = "yes" if trial.get("accepted") else "no"
         if trial["varied"] == "max_batch_delay_ms" and knobs["batch_size"] == 1:
             kept += " (A/A: maxBatchDelay does nothing at batchSize 1, so this gain is the noise)"
-        lines.append(f"{head} {trial['candidate_images_per_s']:.2f} | {trial['incumbent_images_per_s']:.2f} | "
-                     f"{trial['gain']:+.0%} | {_ms(trial.get('candidate_p95_ms'))} | {kept} |")
-    return lines
+        rows.append([*head, f"{trial['candidate_images_per_s']:.2f}", f"{trial['incumbent_images_per_s']:.2f}",
+                     f"{trial['gain']:+.0%}", _ms(trial.get("candidate_p95_ms")), kept])
+    return markdown_table(
+        ["trial", "varied", "workers", "batch", "delay ms", "torch threads", "netty", "candidate images/s",
+         "incumbent images/s", "gain", "candidate p95 ms", "kept"], rows, align="rlrrrrrrrrrl")
 
 
 def reading(report: dict[str, Any]) -> list[str]:

@@ -52,6 +52,7 @@ from loadtest.workload import (
     require_loopback,
     route_weights,
 )
+from cxr_core.reporting import markdown_table
 from serving.client import api_key_from_file
 from serving.config import DEFAULT_CONFIG, ServingConfig
 from serving.torchserve_process import TorchServeKeys, stop_process_group
@@ -186,12 +187,13 @@ def summary_markdown(summary: dict) -> str:
         f"route weights {summary['weights']}; think time {summary['wait_s']} s; "
         f"{summary['machine']['cpus']} CPUs, load average {summary['machine']['load_average_1m']}.",
         "",
-        "| route | requests | failures | requests/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            ["route", "requests", "failures", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
+            [[name, row["requests"], row["failures"], f"{row['requests_per_s']:.2f}", _ms(row["p50_ms"]),
+              _ms(row["p95_ms"]), _ms(row["p99_ms"])]
+             for name, row in [*summary["stats"]["routes"].items(), ("all", total)]],
+            align="lrrrrrr"),
     ]
-    for name, row in [*summary["stats"]["routes"].items(), ("all", total)]:
-        lines.append(f"| {name} | {row['requests']} | {row['failures']} | {row['requests_per_s']:.2f} | "
-                     f"{_ms(row['p50_ms'])} | {_ms(row['p95_ms'])} | {_ms(row['p99_ms'])} |")
     lines += ["", *[f"Note: {note}." for note in summary.get("preflight_notes", [])],
               f"Locust exit status {summary['locust_exit_status']}; HTML report `{summary['html']}`.", ""]
     return "\n".join(lines)

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxr_core.config import YamlConfig
 from cxr_core.features import IMAGE_FEATURES, QUALITY_FLAG_FEATURES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ class TriggerConfig(BaseModel):
     namespace: str | None = Field(None, description="Kubernetes namespace; None: POD_NAMESPACE or the kube context's")
 
 
-class DriftConfig(BaseModel):
+class DriftConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     thresholds: DriftThresholds = DriftThresholds()
@@ -106,7 +106,4 @@ def load_config(path: Path | str | None = None) -> DriftConfig:
         if path == DEFAULT_CONFIG:
             return DriftConfig()
         raise FileNotFoundError(f"drift config {path} not found")
-    payload = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: a drift config must be a mapping")
-    return DriftConfig.model_validate(payload)
+    return DriftConfig.from_yaml(path)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_core.reporting import json_ready
 from monitoring.config import DEFAULT_CONFIG, DriftConfig, expand_columns, load_config
 from monitoring.decision import DriftDecision, decide, summary_from_snapshot
 from monitoring.features import (
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 REPORT_HTML = "report.html"
 PREVIOUS_HTML = "report_previous_window.html"
 SUMMARY_JSON = "summary.json"
+SUMMARY_DIGITS = 6  # the summary's floats: more would be noise of the estimate
 EXIT_TRIGGER_FAILED = 4
 TRIGGER_ENV = "CXR_RETRAIN_TRIGGER"
 _URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "file://")
@@ -315,7 +317,7 @@ def run_drift(current: str | Path, reference: str | Path, out_dir: str | Path, *
     decision.notes = notes + decision.notes
     verdict = decision.as_dict()
     checks = verdict.pop("checks")
-    summary = _json_ready(verdict | summary | {"checks": checks})
+    summary = json_ready(verdict | summary | {"checks": checks}, digits=SUMMARY_DIGITS)
     (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -334,18 +336,6 @@ def _compare_previous(frame: pd.DataFrame, selected: Window, window: WindowSpec,
     info |= numbers | {"report_html": PREVIOUS_HTML, "would_retrain": decision.decision == "retrain",
                        "reasons": decision.reasons}
     return info
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float):
-        return None if value != value else round(value, 6)
-    if hasattr(value, "item"):
-        return _json_ready(value.item())
-    return value
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -416,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = trigger_retrain(summary, target=args.trigger, config=config.trigger,
                                  dry_run=args.dry_run_trigger, log_dir=args.out)
         summary["trigger"] = result
-        (args.out / SUMMARY_JSON).write_text(json.dumps(_json_ready(summary), indent=1) + "\n")
+        (args.out / SUMMARY_JSON).write_text(json.dumps(json_ready(summary, digits=SUMMARY_DIGITS), indent=1) + "\n")
         if not result.get("ok"):
             code = EXIT_TRIGGER_FAILED
     print(json.dumps({k: summary[k] for k in ("decision", "exit_code", "reasons", "notes")}, indent=1))

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from charts.kube import kube_api
 from monitoring.config import REPO_ROOT, TriggerConfig
 
 log = logging.getLogger(__name__)
@@ -164,20 +165,9 @@ def validate_rayjob(obj: dict[str, Any]) -> list[str] | None:
         return None
 
 
-def kubernetes_api():
-    """CustomObjectsApi from the in-cluster service account, else the local kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
-
-
 def create_rayjob(obj: dict[str, Any], namespace: str, api: Any = None, dry_run: bool = False) -> dict[str, Any]:
     """``create_namespaced_custom_object`` for the RayJob (server-side dry run when asked)."""
-    api = api or kubernetes_api()
+    api = api or kube_api("CustomObjectsApi")
     kwargs: dict[str, Any] = {"field_validation": "Strict"}
     if dry_run:
         kwargs["dry_run"] = "All"
@@ -200,7 +190,7 @@ def active_rayjobs(obj: dict[str, Any], namespace: str, api: Any = None) -> list
     """
     labels = (obj.get("metadata") or {}).get("labels") or {}
     selector = ",".join(f"{key}={labels[key]}" for key in ACTIVE_SELECTOR_LABELS if key in labels)
-    api = api or kubernetes_api()
+    api = api or kube_api("CustomObjectsApi")
     listed = api.list_namespaced_custom_object(RAYJOB_GROUP, RAYJOB_VERSION, namespace, RAYJOB_PLURAL,
                                                label_selector=selector)
     return sorted(item["metadata"]["name"] for item in listed.get("items", []) if _is_active(item))
@@ -221,7 +211,7 @@ def kubernetes_retrain(summary: dict[str, Any] | None, config: TriggerConfig = T
     result: dict[str, Any] = {"target": "kubernetes", "namespace": namespace, "object": obj,
                               "validated_locally": problems is not None, "ok": True}
     if create:
-        api = api or kubernetes_api()
+        api = api or kube_api("CustomObjectsApi")
         active = active_rayjobs(obj, namespace, api=api)
         if active:
             log.warning("retrain not started: RayJob %s still active in %s", ", ".join(active), namespace)

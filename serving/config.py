@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxr_core.config import YamlConfig
 from serving.schemas import MODEL_NAME
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serving.yaml"
@@ -54,7 +54,7 @@ class FrontConfig(BaseModel):
     api_keys_file: str | None = None
 
 
-class ServingConfig(BaseModel):
+class ServingConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
     package: PackageConfig = PackageConfig()
@@ -66,4 +66,4 @@ class ServingConfig(BaseModel):
         path = Path(path) if path else DEFAULT_CONFIG
         if not path.exists():
             return cls()
-        return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        return cls.from_yaml(path)

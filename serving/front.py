@@ -56,6 +56,8 @@ from serving.schemas import (
     V2_PROBABILITIES_OUTPUT,
     V2_RESULT_OUTPUT,
     V2_TRIAGE_OUTPUT,
+    clean_id,
+    error_code,
 )
 from serving.torchserve_process import TorchServeKeys
 
@@ -65,11 +67,6 @@ API_KEYS_ENV = "CXR_API_KEYS"
 V2_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<verb>/infer|/ready)?/?$")
 AUDITED_HEADER = "x-cxr-audited"
 OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready", "/metrics")
-STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found",
-                405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 415: "not_an_image",
-                422: "invalid_request",
-                500: "internal_error", 501: "not_implemented", 502: "bad_gateway",
-                503: "model_server_unavailable", 504: "model_server_timeout"}
 
 
 def route_name(path: str) -> str:
@@ -323,7 +320,7 @@ def _model_class():
             # TorchServe's own refusals (Java front end): say what happened, never quote its text
             status = response.status_code if response.status_code in (413, 503, 504) else 502
             raise FrontError(status, {"error": f"the model server refused the request (HTTP {response.status_code})",
-                                      "code": STATUS_CODES.get(status, "bad_gateway")})
+                                      "code": error_code(status, "bad_gateway")})
 
     return CxrScreenFront
 
@@ -373,7 +370,7 @@ class FrontGuard:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request_headers}
         path, method = scope.get("path", ""), scope.get("method", "GET")
         protocol = "v2" if path.startswith("/v2/") else "v1" if path.startswith("/v1/") else "other"
-        request_id = "".join(ch for ch in headers.get("x-request-id", "") if 32 < ord(ch) < 127)[:128] or str(uuid.uuid4())
+        request_id = clean_id(headers.get("x-request-id")) or str(uuid.uuid4())
         context = {"request_id": request_id, "protocol": protocol, "started": started, "caller": None,
                    "route": route_name(path), "audited": False, "status": None}
         try:
@@ -552,7 +549,7 @@ class FrontGuard:
         if status == 422 and "detail" in payload:  # FastAPI request validation: a malformed request is a 400
             status = 400
         if "code" not in payload or not isinstance(payload.get("code"), str):
-            payload = {"error": _reason(payload, status), "code": STATUS_CODES.get(status, "invalid_request"),
+            payload = {"error": _reason(payload, status), "code": error_code(status),
                        "request_id": context["request_id"]}
         else:
             payload.setdefault("request_id", context["request_id"])

@@ -49,23 +49,12 @@ from serving.envelopes import (  # noqa: E402
 )
 from serving.redact import install_redaction  # noqa: E402
 from serving.schemas import PIXEL_BUDGET_ENV, PIXEL_BUDGET_MP  # noqa: E402
-from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, http_status  # noqa: E402
+from serving.schemas import MODEL_NAME, ExplanationOut, ItemError, RequestError, clean_id, http_status  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 BUNDLE_DIR = "bundle"
 THREADS_ENV = "CXR_TORCH_THREADS"
-MAX_REQUEST_ID = 128
-
-
-def _clean_id(value: Any) -> str | None:
-    """Request/caller ids go into logs: printable ASCII, bounded length."""
-    if not isinstance(value, str) or not value:
-        return None
-    cleaned = "".join(ch for ch in value if 32 < ord(ch) < 127)[:MAX_REQUEST_ID]
-    return cleaned or None
-
-
 def _error_of(error: Exception) -> tuple[str, str]:
     code = getattr(error, "code", "bad_input")
     return code, str(error) or code
@@ -167,10 +156,10 @@ class CxrScreenHandler(BaseHandler):
             from_context = context.get_request_id(index)
         except (AttributeError, IndexError, TypeError, KeyError):
             from_context = None
-        return _clean_id(self._headers(context, index).get("x-request-id")) or _clean_id(from_context) or str(index)
+        return clean_id(self._headers(context, index).get("x-request-id")) or clean_id(from_context) or str(index)
 
     def _caller_id(self, context, index: int) -> str | None:
-        return _clean_id(self._headers(context, index).get("x-caller-id"))
+        return clean_id(self._headers(context, index).get("x-caller-id"))
 
     def _handle_batch(self, data: list[dict[str, Any]], context, started: float,
                       pending: list[AuditRecord]) -> list[str]:

@@ -72,15 +72,43 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_method": 400,
     # the caller
     "unauthorized": 401,
+    "body_timeout": 408,
     # ours
     "internal_error": 500,
-    "model_server_unavailable": 503,
+    "not_implemented": 501,
     "bad_gateway": 502,
+    "model_server_unavailable": 503,
+    "model_server_timeout": 504,
 }
+
+# HTTP status -> error code, for answers whose status came first (a library's own error body, the
+# model server's bare status): the inverse of HTTP_STATUS where a status has several codes; 403
+# reads as unauthorized (the front never says why a key is refused), a library's 422 (its own
+# validation of the body) as invalid_request.
+STATUS_CODES: dict[int, str] = {400: "invalid_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found",
+                                405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large",
+                                415: "not_an_image", 422: "invalid_request", 500: "internal_error",
+                                501: "not_implemented", 502: "bad_gateway", 503: "model_server_unavailable",
+                                504: "model_server_timeout"}
+MAX_ID_LENGTH = 128
 
 
 def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 400)
+
+
+def error_code(status: int, default: str = "invalid_request") -> str:
+    """The error code an answer of HTTP ``status`` carries (``default`` for a status we do not name)."""
+    return STATUS_CODES.get(status, default)
+
+
+def clean_id(value: Any) -> str | None:
+    """A caller-sent request/caller id as it may be logged and echoed: printable ASCII, at most
+    ``MAX_ID_LENGTH`` characters; None for anything else (the caller then gets an id of ours)."""
+    if not isinstance(value, str) or not value:
+        return None
+    cleaned = "".join(ch for ch in value if 32 < ord(ch) < 127)[:MAX_ID_LENGTH]
+    return cleaned or None
 
 
 class RequestError(InputError):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from charts import validate
+from cxr_core.config import deep_merge
 
 CI_FILES = {
     "default": "default-values.yaml",
@@ -338,7 +339,7 @@ def test_values_schema_rejects_unknown_top_level_and_misspelled_nested_values():
     validator = jsonschema.Draft7Validator(schema)
     assert validator.is_valid(default_values())
     for name in CI_FILES:
-        merged = _merge(default_values(), validate.load_values(ci_path(name)))
+        merged = deep_merge(default_values(), validate.load_values(ci_path(name)))
         assert list(validator.iter_errors(merged)) == [], name
     assert not validator.is_valid({**default_values(), "replicaCount": 2})
 
@@ -346,16 +347,6 @@ def test_values_schema_rejects_unknown_top_level_and_misspelled_nested_values():
 def test_values_schema_requires_the_external_database_secret_without_bundled_postgres():
     with pytest.raises(helm_python.HelmValuesError, match="existingSecret"):
         validate.render_chart({"postgresql": {"enabled": False}})
-
-
-def _merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 # --- the parts ------------------------------------------------------------------------------

@@ -142,3 +142,21 @@ def test_trigger_cli_runs_a_local_command_only_for_retrain(tmp_path, capsys):
     assert main(["--summary", str(summary), "--target", "local", "--command", *command]) == 0
     assert marker.read_text() == "yes"
     assert json.loads(capsys.readouterr().out)["returncode"] == 0
+
+
+def test_kube_api_outside_a_cluster_reads_the_kubeconfig(tmp_path, monkeypatch):
+    """The one client both cluster Jobs use (trigger, secrets hook): kubeconfig when no ServiceAccount."""
+    from charts.kube import kube_api
+
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "c", "cluster": {"server": "https://kube.test:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    custom = kube_api("CustomObjectsApi")
+    core = kube_api()
+    assert type(custom).__name__ == "CustomObjectsApi" and type(core).__name__ == "CoreV1Api"
+    assert core.api_client.configuration.host == "https://kube.test:6443"

@@ -10,7 +10,7 @@ import pytest
 from serving.envelopes import decode_base64, parse_request
 from serving.mar import config_properties
 from serving.config import PackageConfig
-from serving.schemas import RequestError, http_status
+from serving.schemas import HTTP_STATUS, MAX_ID_LENGTH, STATUS_CODES, RequestError, clean_id, error_code, http_status
 
 IMAGE = b"\x89PNG\r\n\x1a\n fake image bytes"
 B64 = base64.b64encode(IMAGE).decode()
@@ -197,3 +197,18 @@ def test_a_batch_that_fails_as_a_whole_gets_one_error_line_per_request(tiny_bund
     assert [(line["request_id"], line["event"], line["status"], line["error_code"]) for line in lines] == [
         (f"req-{i}", "error", 500, "internal_error") for i in range(3)]
     assert {line["caller_id"] for line in lines} == {"hospital-a"}
+
+
+def test_request_ids_are_cleaned_before_they_are_logged_or_echoed():
+    assert clean_id("abc-123") == "abc-123"
+    assert clean_id("a b\tc\n\u00e9d") == "abcd"  # no spaces, control characters or non-ASCII
+    assert clean_id("x" * 500) == "x" * MAX_ID_LENGTH
+    assert clean_id(" \n") is None and clean_id("") is None and clean_id(42) is None and clean_id(None) is None
+
+
+def test_status_and_code_maps_agree():
+    for status, code in STATUS_CODES.items():
+        if status not in (403, 422):  # a refused key, a library's validation error: 401's and 400's codes
+            assert HTTP_STATUS[code] == status, (status, code)
+    assert error_code(415) == "not_an_image" and error_code(418) == "invalid_request"
+    assert error_code(599, "bad_gateway") == "bad_gateway"

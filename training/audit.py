@@ -20,12 +20,13 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
+from cxr_core.config import YamlConfig
 from cxr_core.decode import decode_grayscale
 from cxr_core.errors import InputError
 from cxr_core.preprocess import PreprocessConfig, QualityFlags, compute_quality_flags, find_content_box, to_uint8
@@ -40,7 +41,7 @@ QUALITY_FLAGS = ("underexposed", "overexposed", "low_contrast", "has_border")
 EXCLUDING_FLAGS = ("undecodable", "too_small", "label_conflict", "cross_split_duplicate", "duplicate_copy")
 
 
-class AuditConfig(BaseModel):
+class AuditConfig(YamlConfig):
     """Thresholds of the audit; YAML-loadable."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,8 +53,11 @@ class AuditConfig(BaseModel):
     preprocess: PreprocessConfig = PreprocessConfig()
 
     @classmethod
-    def from_yaml(cls, path: Path | None) -> "AuditConfig":
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {}) if path else cls()
+    def from_yaml(cls, path: Path | str | None, overrides: dict[str, Any] | None = None) -> "AuditConfig":
+        """The file's thresholds; the defaults when no file is named."""
+        if path is None:
+            return cls.validate_or_explain(overrides or {}, "audit defaults")
+        return super().from_yaml(path, overrides)
 
 
 @dataclass

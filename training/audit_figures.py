@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from training.data import Dataset  # noqa: E402
+from training.data import Dataset
+from training.figures import plt, save_figure, thumbnail_sheet
 
 CONTACT_SHEET_MAX = 48
 
@@ -30,9 +26,7 @@ def _class_distribution(document: dict, path: Path) -> None:
     ax.set_ylabel("images")
     ax.set_title("Class distribution per split")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _resolution_histogram(dataset: Dataset, scans, path: Path) -> None:
@@ -50,9 +44,7 @@ def _resolution_histogram(dataset: Dataset, scans, path: Path) -> None:
     ax.set_ylabel("images")
     ax.set_title("Resolution by source (a shortcut risk when it differs by class)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _intensity_by_class(dataset: Dataset, scans, path: Path) -> None:
@@ -67,32 +59,13 @@ def _intensity_by_class(dataset: Dataset, scans, path: Path) -> None:
         ax.set_ylabel("images")
         ax.legend()
     fig.suptitle("Intensity distribution per class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _contact_sheet(document: dict, dataset: Dataset, path: Path) -> None:
     flagged = document["flagged_files"][:CONTACT_SHEET_MAX]
-    if not flagged:
-        return
-    columns = 8
-    rows = int(np.ceil(len(flagged) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, item in zip(axes.flat, flagged):
-        try:
-            with Image.open(dataset.root / item["relpath"]) as image:
-                image.thumbnail((128, 128))
-                ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
-        except Exception:  # undecodable files are exactly what this sheet lists
-            ax.text(0.5, 0.5, "undecodable", ha="center", va="center")
-        ax.set_title("\n".join(item["flags"][:2]), fontsize=6)
-    fig.suptitle(f"Flagged images (first {len(flagged)} of {len(document['flagged_files'])})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    thumbnail_sheet([(dataset.root / item["relpath"], "\n".join(item["flags"][:2])) for item in flagged],
+                    f"Flagged images (first {len(flagged)} of {len(document['flagged_files'])})", path)
 
 
 def write_audit_figures(document: dict, dataset: Dataset, scans, out: Path) -> list[str]:

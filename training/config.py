@@ -6,12 +6,11 @@ MLflow and stored in the bundle's provenance, so every model says how it was mad
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cxr_core.config import YamlConfig
 from cxr_core.hog import HogConfig
 from cxr_core.models import list_models, model_kind
 from cxr_core.policy import PolicyConfig
@@ -65,7 +64,7 @@ class SubsetConfig(BaseModel):
     test: int | None = None
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
     run_name: str = "train"
@@ -121,33 +120,3 @@ class TrainConfig(BaseModel):
     def family(self) -> str:
         """Model family name as reported (e.g. efficientnet_lite0-probe)."""
         return self.model if self.mode in ("scratch", "classical") else f"{self.model}-{self.mode}"
-
-    @classmethod
-    def from_yaml(cls, path: Path | str, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        payload = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.model_validate(deep_merge(payload, overrides or {}))
-
-
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``a.b=value`` command-line overrides (values parsed as YAML) -> nested dict."""
-    result: dict[str, Any] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        if not key or not _:
-            raise ValueError(f"override {item!r} is not key=value")
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return result

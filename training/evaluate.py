@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cxr_core.calibration import DEFAULT_N_BINS, expected_calibration_error, negative_log_likelihood, softmax
+from cxr_core.reporting import json_ready
 from training import evaluation_figures
 from training.evaluation_report import write_evaluation_markdown
 from training.metrics import bootstrap_rates, classification_report, one_vs_rest_auc, per_class_metrics
@@ -44,24 +45,6 @@ REPORT_FILE = "report.md"
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _jsonable(value):
-    """numpy scalars/arrays -> Python, NaN/inf -> None, tuples -> lists (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return value
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -363,7 +346,7 @@ def evaluate_predictions(
         evaluation_figures.plot_per_source(per_source, classes, out_dir / "per_source_sensitivity.png")
         written += [*evaluation_figures.FIGURES]
 
-    metrics = _jsonable(metrics)
+    metrics = json_ready(metrics)
     metrics["files"] = sorted(written)
     write_evaluation_markdown(metrics, out_dir / REPORT_FILE)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from cxr_core.calibration import expected_calibration_error, reliability_curve  # noqa: E402
+from cxr_core.calibration import expected_calibration_error, reliability_curve
+from training.figures import plt, save_figure
 
 FIGURES = (
     "confusion_matrix_argmax.png",
@@ -44,9 +41,7 @@ def plot_confusion(normalized: list, counts: list, classes: list[str], title: st
     ax.set_xlabel("decided")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str], auc: dict, path: Path) -> None:
@@ -61,9 +56,7 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str], auc: dic
     ax.set_ylabel("sensitivity")
     ax.set_title("ROC, one vs rest (calibrated probabilities)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_reliability(probs: np.ndarray, y_true: np.ndarray, n_bins: int, title: str, path: Path) -> None:
@@ -85,9 +78,7 @@ def plot_reliability(probs: np.ndarray, y_true: np.ndarray, n_bins: int, title: 
     ax_count.bar(lower, width_curve["count"], width=upper - lower, align="edge", color="grey")
     ax_count.set_xlabel("confidence (top-label probability)")
     ax_count.set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_per_source(per_source: dict, classes: list[str], path: Path) -> None:
@@ -105,6 +96,4 @@ def plot_per_source(per_source: dict, classes: list[str], path: Path) -> None:
     ax.set_ylabel("policy sensitivity")
     ax.set_title("Sensitivity per source dataset (policy decisions)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -27,6 +27,7 @@ import numpy as np
 from cxr_core.decode import decode_grayscale
 from cxr_core.lungs import DEFAULT_WEIGHTS, FAILURE_REASONS, LungFields, load_segmenter_file
 from cxr_core.preprocess import PreprocessConfig, find_content_box, to_uint8
+from cxr_core.reporting import markdown_table
 from training.data import default_data_dir, discover_dataset
 from training.provenance import git_commit, utc_now
 
@@ -130,12 +131,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Failed: {report['failed']} ({100 * report['failure_rate']:.1f}%) — "
         + ", ".join(f"{k} {v}" for k, v in report["failures_by_reason"].items()) + ".",
         "",
-        "| source | class | n | empty mask | one lung | implausible area | outside chest | failure rate |",
-        "|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            ["source", "class", "n", "empty mask", "one lung", "implausible area", "outside chest", "failure rate"],
+            [[row["source"], row["label"], row["n"], row["empty_mask"], row["one_lung"], row["implausible_area"],
+              row["outside_chest"], f"{100 * row['failure_rate']:.1f}%"] for row in report["per_source_class"]]),
     ]
-    for row in report["per_source_class"]:
-        lines.append(f"| {row['source']} | {row['label']} | {row['n']} | {row['empty_mask']} | {row['one_lung']} | "
-                     f"{row['implausible_area']} | {row['outside_chest']} | {100 * row['failure_rate']:.1f}% |")
     lines += ["", "Verdicts: `empty_mask` no region of at least 1% of the image; `one_lung` the second region is "
               "missing or under 20% of the first; `implausible_area` both lungs together under 6% or over 70% of "
               "the image; `outside_chest` the two regions are not side by side (centroids under 12% of the width "

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.config import TrainConfig, deep_merge, parse_overrides
+from cxr_core.config import YamlConfig, deep_merge, parse_overrides
+from training.config import TrainConfig
 from training.data import default_data_dir
 from training.objective import DEFAULT_OBJECTIVE_MODE, OBJECTIVE_MODES, ObjectiveMode
 from training.provenance import git_commit
@@ -69,14 +69,10 @@ class BudgetConfig(BaseModel):
         "worst held-out source"))
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
     budgets: dict[str, BudgetConfig]
-
-    @classmethod
-    def from_yaml(cls, path: Path) -> "SweepConfig":
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
 def expand_trials(budget: BudgetConfig, cli_overrides: dict[str, Any]) -> list[dict[str, Any]]:

@@ -28,7 +28,8 @@ from cxr_core.calibration import softmax
 from cxr_core.models import model_kind
 from cxr_core.operating_point import fit_operating_point
 from cxr_core.policy import FittedPolicy
-from training.config import TrainConfig, parse_overrides
+from cxr_core.config import parse_overrides
+from training.config import TrainConfig
 from training.data import dataset_fingerprint, default_data_dir
 from training.datasets import SplitArrays, TrainingData, load_training_data
 from training.evaluate import evaluate_predictions

@@ -15,9 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
+from pydantic import ConfigDict
 
-from training.config import TrainConfig, parse_overrides
+from cxr_core.config import YamlConfig, parse_overrides
+from training.config import TrainConfig
 from training.data import default_data_dir
 from training.train import TrainResult, run_training
 from cxr_core.reporting import markdown_table
@@ -78,6 +79,14 @@ def write_markdown(entries: list[dict], path: Path, data_dir: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+class TrainPlan(YamlConfig):
+    """``configs/train-all.yaml``: the family configs to train, in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    configs: list[Path]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train_all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", type=Path, default=Path("configs/train-all.yaml"))
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="applied to every config, e.g. epochs=1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    plan = yaml.safe_load(args.plan.read_text())["configs"]
+    plan = TrainPlan.from_yaml(args.plan).configs
     args.out.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
     if args.resume and (args.out / "summary.json").exists():

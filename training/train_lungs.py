@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr_core.reporting import markdown_table
 from cxr_core.lungs import DEFAULT_WEIGHTS, LungRules, LungSegmenter, LungUNet, fields_from_probability, standardize
 from training.provenance import git_commit, utc_now
 
@@ -258,21 +259,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "The mask as the preprocessing chain uses it (two largest regions, holes filled, at the segmenter's "
         "resolution) compared with the hand-drawn mask at its own resolution.",
         "",
-        "| mean | median | min | validation mean |",
-        "|---|---|---|---|",
-        f"| {test['dice_mean']} | {test['dice_median']} | {test['dice_min']} | {report['val_dice_mean']} |",
+        *markdown_table(["mean", "median", "min", "validation mean"],
+                        [[test["dice_mean"], test["dice_median"], test["dice_min"], report["val_dice_mean"]]]),
         "",
         "Failure verdicts on the test images: " + ", ".join(f"{k} {v}" for k, v in test["failures"].items()) + ".",
         f"Hand-drawn masks (all splits) the plausibility rules refuse: {len(report['ground_truth_failures'])}.",
         "",
         "### Worst test images",
         "",
-        "| id | Dice | verdict |",
-        "|---|---|---|",
     ]
-    lines += [f"| {r['id']} | {r['dice']} | {r['failure'] or 'ok'} |" for r in test["worst"]]
-    lines += ["", "### Per test image", "", "| id | Dice |", "|---|---|"]
-    lines += [f"| {r['id']} | {r['dice']} |" for r in test["per_image"]]
+    lines += markdown_table(["id", "Dice", "verdict"], [[r["id"], r["dice"], r["failure"] or "ok"] for r in test["worst"]])
+    lines += ["", "### Per test image", ""]
+    lines += markdown_table(["id", "Dice"], [[r["id"], r["dice"]] for r in test["per_image"]])
     lines += ["", "Caveat: every mask is an adult normal from one teaching website; see `cxr3-check.md` for how "
               "the masks hold on the classifier's sources and classes.", ""]
     path.write_text("\n".join(lines))

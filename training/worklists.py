@@ -10,17 +10,12 @@
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cxr_core.policy import near_threshold  # noqa: E402
+from cxr_core.policy import near_threshold
+from training.figures import thumbnail_sheet
 
 WORKLISTS = ("missed", "gray_zone", "confident_wrong")
 CONTACT_SHEET_MAX = 32
@@ -100,20 +95,5 @@ def write_worklist_csv(rows: list[dict], columns: list[str], path: Path) -> None
 
 def contact_sheet(rows: list[dict], image_root: Path, title: str, path: Path) -> None:
     shown = rows[:CONTACT_SHEET_MAX]
-    columns = min(CONTACT_SHEET_COLUMNS, len(shown))
-    n_rows = int(math.ceil(len(shown) / columns))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 1.7, n_rows * 2.2), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, shown):
-        try:
-            with Image.open(Path(image_root) / row["relpath"]) as image:
-                image.thumbnail((128, 128))
-                ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
-        except (OSError, ValueError):
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        ax.set_title(f"true {row['true']}\ndecided {row['decided']}\n{row['_key']}", fontsize=6)
-    fig.suptitle(f"{title} (first {len(shown)} of {len(rows)})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    thumbnail_sheet([(Path(image_root) / row["relpath"], f"true {row['true']}\ndecided {row['decided']}\n{row['_key']}")
+                     for row in shown], f"{title} (first {len(shown)} of {len(rows)})", path, CONTACT_SHEET_COLUMNS)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cxr_core.config import YamlConfig
 
 DEFAULT_CONFIG_PATH = Path("configs/robustness.yaml")
 
@@ -111,7 +112,7 @@ class ShortcutConfig(BaseModel):
     gradcam_per_class: int = Field(60, ge=1, description="Grad-CAM images per class (CPU cost)")
 
 
-class RobustnessConfig(BaseModel):
+class RobustnessConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
     loso: LosoConfig = LosoConfig()
@@ -126,7 +127,8 @@ class RobustnessConfig(BaseModel):
         return self
 
     @classmethod
-    def from_yaml(cls, path: Path | str | None) -> "RobustnessConfig":
+    def from_yaml(cls, path: Path | str | None, overrides: dict[str, Any] | None = None) -> "RobustnessConfig":
+        """The file's config; the built-in defaults where there is no file (a checkout without one)."""
         if path is None or not Path(path).exists():
-            return cls()
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+            return cls.validate_or_explain(overrides or {}, "robustness defaults")
+        return super().from_yaml(path, overrides)

@@ -34,7 +34,9 @@ import numpy as np
 
 from cxr_core.bundle import load_bundle, read_manifest
 from training.cache import load_pixel_array
-from training.config import TrainConfig, parse_overrides
+from cxr_core.config import parse_overrides
+from cxr_core.reporting import markdown_table
+from training.config import TrainConfig
 from training.data import Dataset, default_data_dir
 from training.datasets import load_training_data, open_dataset
 from training.evaluate import evaluate_predictions
@@ -281,23 +283,22 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
         "",
         f"## Mitigations compared (worst held-out source; {target} at the policy thresholds)",
         "",
-        f"| mitigation | all-sources test macro AUC | all-sources {target} sens / spec | all-sources same-pop {target} AUC "
-        f"| worst-source {target} sens (source) | {target} spec there | worst-source {target} spec "
-        f"| worst same-pop {target} AUC | worst-source objective |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    compared = []
     for name, entry in document["mitigations"].items():
         s = entry.get("summary", {})
         a = s.get("all_sources_test", {})
-        lines.append(
-            f"| {name}{'' if entry['deployable'] else ' (experimental)'} | {_f(a.get('macro_auc'))} "
-            f"| {_f(a.get(f'{target}_sensitivity'))} / {_f(a.get(f'{target}_specificity'))} "
-            f"| {_f(a.get(f'same_population_{target}_auc'))} "
-            f"| {_f(s.get(f'worst_source_{target}_sensitivity'))} ({s.get('worst_source', '–')}) "
-            f"| {_f(s.get(f'{target}_specificity_at_worst_source'))} | {_f(s.get(f'worst_source_{target}_specificity'))} "
-            f"| {_f(s.get(f'worst_source_same_population_{target}_auc'))} "
-            f"| {_f((s.get('objective') or {}).get('objective'))} |"
-        )
+        compared.append([
+            f"{name}{'' if entry['deployable'] else ' (experimental)'}", _f(a.get('macro_auc')),
+            f"{_f(a.get(f'{target}_sensitivity'))} / {_f(a.get(f'{target}_specificity'))}",
+            _f(a.get(f'same_population_{target}_auc')),
+            f"{_f(s.get(f'worst_source_{target}_sensitivity'))} ({s.get('worst_source', '–')})",
+            _f(s.get(f'{target}_specificity_at_worst_source')), _f(s.get(f'worst_source_{target}_specificity')),
+            _f(s.get(f'worst_source_same_population_{target}_auc')), _f((s.get('objective') or {}).get('objective'))])
+    lines += markdown_table(
+        ["mitigation", "all-sources test macro AUC", f"all-sources {target} sens / spec",
+         f"all-sources same-pop {target} AUC", f"worst-source {target} sens (source)", f"{target} spec there",
+         f"worst-source {target} spec", f"worst same-pop {target} AUC", "worst-source objective"], compared)
     winner = document.get("winner") or {}
     if winner:
         reference = winner.get("reference", "baseline")
@@ -313,33 +314,32 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
                       "thresholds that still reach the floor on an unseen hospital, so read it beside the AUC "
                       "columns, which do not depend on the thresholds. Per held-out source:", ""]
         sources = [f for f in document["folds"] if f != ALL_SOURCES]
-        lines += ["| mitigation | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
-        for name, entry in document["mitigations"].items():
-            objective = entry.get("summary", {}).get("objective") or {}
-            lines.append(f"| {name} | " + " | ".join(_f(objective.get(f"heldout_score_{s}")) for s in sources) + " |")
+        lines += markdown_table(
+            ["mitigation", *sources],
+            [[name, *(_f((entry.get("summary", {}).get("objective") or {}).get(f"heldout_score_{s}")) for s in sources)]
+             for name, entry in document["mitigations"].items()])
     lines += ["", "Descriptions:", ""]
     lines += [f"- **{name}**: {entry['description']} overrides `{json.dumps(entry['overrides'])}`"
               + (f", {entry['augment_copies']} materialized augmented copies" if entry.get("augment_copies") else "")
               + (f", chest crop {entry['chest_crop']}" if entry["chest_crop"] else "")
               for name, entry in document["mitigations"].items()]
     for name, entry in document["mitigations"].items():
-        lines += ["", f"## {name}: per fold", "",
-                  f"| fold | tested on | {target} sens [95% CI] | {target} spec | {target} AUC | same-pop {target} AUC "
-                  f"| pneumonia sens | pneumonia AUC | normal kept | thresholds TB / pneu | in-dist test macro AUC |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"## {name}: per fold", ""]
+        per_fold = []
         for fold in entry["folds"]:
             h = fold["heldout"]
             tb = h["classes"].get(target, {})
             pn = h["classes"].get("pneumonia", {})
-            counts = ", ".join(f"{k} {v}" for k, v in h["counts"].items() if v)
-            normal_kept = _normal_kept(h, target)
-            lines.append(
-                f"| {fold['fold']} | {counts} | {_rate(tb.get('sensitivity'))} | {_f(value(tb.get('specificity')))} "
-                f"| {_f(tb.get('auc'))} | {_f(same_population_auc(h, target))} | {_f(value(pn.get('sensitivity')))} "
-                f"| {_f(pn.get('auc'))} | {_f(normal_kept)} "
-                f"| {_f(fold['thresholds'].get(target))} / {_f(fold['thresholds'].get('pneumonia'))} "
-                f"| {_f(fold['in_distribution_test'].get('macro_auc'))} |"
-            )
+            per_fold.append([
+                fold["fold"], ", ".join(f"{k} {v}" for k, v in h["counts"].items() if v), _rate(tb.get("sensitivity")),
+                _f(value(tb.get("specificity"))), _f(tb.get("auc")), _f(same_population_auc(h, target)),
+                _f(value(pn.get("sensitivity"))), _f(pn.get("auc")), _f(_normal_kept(h, target)),
+                f"{_f(fold['thresholds'].get(target))} / {_f(fold['thresholds'].get('pneumonia'))}",
+                _f(fold["in_distribution_test"].get("macro_auc"))])
+        lines += markdown_table(
+            ["fold", "tested on", f"{target} sens [95% CI]", f"{target} spec", f"{target} AUC",
+             f"same-pop {target} AUC", "pneumonia sens", "pneumonia AUC", "normal kept", "thresholds TB / pneu",
+             "in-dist test macro AUC"], per_fold)
         notes = [f"- {fold['fold']}: {fold['note']}" for fold in entry["folds"] if fold.get("note")]
         if notes and name == next(iter(document["mitigations"])):
             lines += ["", *notes]

@@ -24,7 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from training.config import TrainConfig, deep_merge
+from cxr_core.config import deep_merge
+from training.config import TrainConfig
 from training.datasets import SplitArrays
 from training.materialize import take
 from training.robustness.config import MitigationSpec

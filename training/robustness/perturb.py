@@ -28,11 +28,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from cxr_core.bundle import Predictor, load_bundle
 from cxr_core.decode import decode_grayscale
 from cxr_core.preprocess import prepare_gray, to_uint8
+from cxr_core.reporting import markdown_table
 from training.data import ImageRecord, default_data_dir
 from training.datasets import open_dataset, sample_per_class
 from training.provenance import git_commit, utc_now
@@ -207,10 +209,7 @@ def run_bundle(predictor: Predictor, records: list[ImageRecord], settings: Pertu
 
 
 def plot_bundle(name: str, result: dict[str, Any], settings: PerturbConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.figures import plt, save_figure
 
     perturbations = list(result["perturbations"])
     columns = 5
@@ -235,9 +234,7 @@ def plot_bundle(name: str, result: dict[str, Any], settings: PerturbConfig, path
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{name}: test metrics at the bundle's policy thresholds vs perturbation severity "
                  f"(grey: TB floor {settings.sensitivity_floor:.2f})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _f(x) -> str:
@@ -263,22 +260,19 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
         lines += [f"## {name}", "", f"Bundle `{result['bundle']}`, {result['n']} images. Clean: macro AUC "
                   f"{_f(clean['macro_auc'])}, TB sensitivity {_f(clean['tuberculosis_sensitivity'])}, TB specificity "
                   f"{_f(clean['tuberculosis_specificity'])}, pneumonia sensitivity {_f(clean['pneumonia_sensitivity'])}. "
-                  f"Figure: `perturb_{name}.png`.", "",
-                  "| perturbation | levels | TB sens per level | TB spec per level | pneumonia sens per level "
-                  "| macro AUC per level | first level TB sens < floor | first level TB sens drops > margin "
-                  "| decisions changed at max |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"Figure: `perturb_{name}.png`.", ""]
+        table = []
         for pert, rows in result["perturbations"].items():
             s = result["summary"][pert]
-            below, drop = s[floor_key], s[drop_key]
-            levels = ", ".join(f"{r['level']:g}" for r in rows)
-            per_level = {key: " / ".join(_f(r[key]) for r in rows)
+            per_level = [" / ".join(_f(r[key]) for r in rows)
                          for key in ("tuberculosis_sensitivity", "tuberculosis_specificity", "pneumonia_sensitivity",
-                                     "macro_auc")}
-            lines.append(
-                f"| {pert} | {levels} | {per_level['tuberculosis_sensitivity']} | {per_level['tuberculosis_specificity']} "
-                f"| {per_level['pneumonia_sensitivity']} "
-                f"| {per_level['macro_auc']} | {_level(below)} | {_level(drop)} | {_f(rows[-1]['decisions_changed'])} |")
+                                     "macro_auc")]
+            table.append([pert, ", ".join(f"{r['level']:g}" for r in rows), *per_level, _level(s[floor_key]),
+                          _level(s[drop_key]), _f(rows[-1]["decisions_changed"])])
+        lines += markdown_table(
+            ["perturbation", "levels", "TB sens per level", "TB spec per level", "pneumonia sens per level",
+             "macro AUC per level", "first level TB sens < floor", "first level TB sens drops > margin",
+             "decisions changed at max"], table)
         lines.append("")
     lines += ["Level #0 is the clean image. \"first level TB sens < floor\" is #0 when the clean sensitivity is "
               "already below the floor; a perturbation can also raise TB sensitivity by calling more images TB "
@@ -346,6 +340,20 @@ def bundle_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return specs
 
 
+def audit_document(args: argparse.Namespace, settings: BaseModel, **extra: Any) -> dict[str, Any]:
+    """The head every bundle audit's JSON starts with; ``bundles`` is filled one bundle at a time."""
+    return {"created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir), **extra,
+            "settings": settings.model_dump(), "bundles": {}}
+
+
+def write_audit_report(document: dict[str, Any], args: argparse.Namespace,
+                       write_markdown: Callable[[dict[str, Any], Path], None], prog: str) -> None:
+    """``<out>/<name>.json`` and the Markdown rendered from it (the .md is never edited by hand)."""
+    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
+    write_markdown(document, args.out / f"{args.name}.md")
+    print(f"{prog}: report {args.out / f'{args.name}.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.robustness.perturb", description=__doc__.split("\n\n")[0])
     add_audit_arguments(parser, "perturb")
@@ -358,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = open_dataset(args.data_dir, args.exclusions)
     records = sample_per_class(dataset.split(args.split), args.limit_per_class, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        "created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir), "split": args.split,
-        "limit_per_class": args.limit_per_class, "settings": settings.model_dump(), "bundles": {},
-    }
+    document = audit_document(args, settings, split=args.split, limit_per_class=args.limit_per_class)
     for spec in specs:
         name, directory = bundle_name(spec)
         predictor = load_bundle(directory)
@@ -373,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = {p: s[floor_key] for p, s in result["summary"].items()}
         print(f"perturb: {name}: clean TB sensitivity {_f(result['clean']['tuberculosis_sensitivity'])}; first level "
               f"below {settings.sensitivity_floor:.2f}: " + ", ".join(f"{p} {_level(v)}" for p, v in worst.items()))
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    write_markdown(document, args.out / f"{args.name}.md")
-    print(f"perturb: report {args.out / f'{args.name}.md'}")
+    write_audit_report(document, args, write_markdown, "perturb")
     return 0
 
 

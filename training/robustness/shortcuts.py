@@ -27,7 +27,6 @@ Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (name: ``shortcuts``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import Counter
@@ -47,13 +46,14 @@ from cxr_core.bundle import Predictor, load_bundle
 from cxr_core.explain import ZoneConfig, cam_heatmap, central_chest_box, lung_zone_shares
 from cxr_core.hog import hog_features
 from cxr_core.preprocess import pixels_to_tensor
+from cxr_core.reporting import markdown_table
 from training.cache import load_pixel_array
 from training.data import ImageRecord
 from training.datasets import open_dataset, sample_per_class
-from training.provenance import git_commit, utc_now
 from training.robustness.config import RobustnessConfig, ShortcutConfig
 from training.robustness.measures import operating_point_metrics, value
-from training.robustness.perturb import add_audit_arguments, bundle_name, bundle_specs
+from training.robustness.perturb import (add_audit_arguments, audit_document, bundle_name, bundle_specs,
+                                         write_audit_report)
 from training.robustness.populations import UNKNOWN_AGE, age_group
 
 log = logging.getLogger("training.robustness.shortcuts")
@@ -307,34 +307,33 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
              "decided class's evidence outside the central chest region.", ""]
     for name, result in document["bundles"].items():
         lines += [f"## {name}", "", f"Bundle `{result['bundle']}`; probes on {result['probe_images']} images "
-                  f"({'+'.join(result['probe_splits'])}), {result['feature_dim']} features.", "",
-                  "| probe target | n | classes | accuracy | chance | balanced accuracy | balanced chance |",
-                  "|---|---|---|---|---|---|---|"]
-        for target, p in result["probes"].items():
-            classes = ", ".join(f"{k} {v}" for k, v in p["counts"].items())
-            lines.append(f"| {target} | {p['n']} | {classes} | {_f(p['accuracy'])} | {_f(p['chance'])} "
-                         f"| {_f(p['balanced_accuracy'])} | {_f(p['balanced_chance'])} |")
+                  f"({'+'.join(result['probe_splits'])}), {result['feature_dim']} features.", ""]
+        lines += markdown_table(
+            ["probe target", "n", "classes", "accuracy", "chance", "balanced accuracy", "balanced chance"],
+            [[target, p["n"], ", ".join(f"{k} {v}" for k, v in p["counts"].items()), _f(p["accuracy"]),
+              _f(p["chance"]), _f(p["balanced_accuracy"]), _f(p["balanced_chance"])]
+             for target, p in result["probes"].items()])
         m = result["masking"]
-        lines += ["", f"Masking ({m['n']} test images, chance accuracy {_f(m['chance_accuracy'])}):", "",
-                  "| view | accuracy (argmax) | accuracy (policy) | macro AUC | AUC normal | AUC pneumonia | AUC TB "
-                  "| TB sens (policy) | same-pop TB AUC (adult) |", "|---|---|---|---|---|---|---|---|---|"]
-        for view in ("unmasked", "chest_masked", "only_chest"):
-            v = m[view]
-            lines.append(f"| {view} | {_f(v['accuracy_argmax'])} | {_f(v['accuracy_policy'])} | {_f(v['macro_auc'])} "
-                         f"| {_f(v['auc'].get('normal'))} | {_f(v['auc'].get('pneumonia'))} "
-                         f"| {_f(v['auc'].get('tuberculosis'))} | {_f(v['sensitivity'].get('tuberculosis'))} "
-                         f"| {_f(v['same_population_auc'].get('tuberculosis', {}).get('adult'))} |")
+        lines += ["", f"Masking ({m['n']} test images, chance accuracy {_f(m['chance_accuracy'])}):", ""]
+        lines += markdown_table(
+            ["view", "accuracy (argmax)", "accuracy (policy)", "macro AUC", "AUC normal", "AUC pneumonia", "AUC TB",
+             "TB sens (policy)", "same-pop TB AUC (adult)"],
+            [[view, _f(v["accuracy_argmax"]), _f(v["accuracy_policy"]), _f(v["macro_auc"]),
+              _f(v["auc"].get("normal")), _f(v["auc"].get("pneumonia")), _f(v["auc"].get("tuberculosis")),
+              _f(v["sensitivity"].get("tuberculosis")),
+              _f(v["same_population_auc"].get("tuberculosis", {}).get("adult"))]
+             for view, v in ((view, m[view]) for view in ("unmasked", "chest_masked", "only_chest"))])
         e = result["evidence"]
         lines += ["", f"Evidence outside the central chest region — {e['method']} (uniform map: "
                       f"{_f(e.get('uniform_outside'))}; warning at {_f(e.get('warn_at'))}):", ""]
         if "all" in e:
-            lines += ["| group | n | mean share outside | median | share of images warned |", "|---|---|---|---|---|"]
             rows = [("all", e["all"])] + [(f"true {k}", v) for k, v in e["per_true_class"].items()] \
                 + [(f"decided {k}", v) for k, v in e["per_decided_class"].items()] \
                 + [(f"source {k}", v) for k, v in e["per_source"].items()]
-            for group, s in rows:
-                lines.append(f"| {group} | {s['n']} | {_f(s.get('mean_outside'))} | {_f(s.get('median_outside'))} "
-                             f"| {_f(s.get('share_warned'))} |")
+            lines += markdown_table(
+                ["group", "n", "mean share outside", "median", "share of images warned"],
+                [[group, s["n"], _f(s.get("mean_outside")), _f(s.get("median_outside")), _f(s.get("share_warned"))]
+                 for group, s in rows])
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -348,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     settings = RobustnessConfig.from_yaml(args.robustness).shortcuts
     dataset = open_dataset(args.data_dir, args.exclusions)
-    document: dict[str, Any] = {"created_at": utc_now(), "git_commit": git_commit(), "data_dir": str(args.data_dir),
-                                "settings": settings.model_dump(), "bundles": {}}
+    document = audit_document(args, settings)
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         name, directory = bundle_name(spec)
@@ -362,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               f"accuracy {_f(result['masking']['chest_masked']['accuracy_argmax'])} (chance "
               f"{_f(result['masking']['chance_accuracy'])}); outside-chest evidence "
               f"{_f(result['evidence'].get('all', {}).get('mean_outside'))}")
-    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    write_markdown(document, args.out / f"{args.name}.md")
-    print(f"shortcuts: report {args.out / f'{args.name}.md'}")
+    write_audit_report(document, args, write_markdown, "shortcuts")
     return 0
 
 
