@@ -11,7 +11,7 @@ export DATA_DIR
 
 MODEL ?= cnn3
 MLFLOW_PORT ?= 5000
-MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)# loop-demo starts a private one unless you set this yourself
 export MLFLOW_TRACKING_URI
 
 SWEEP_BUDGET ?= small
@@ -111,7 +111,7 @@ drift-demo: install ## drift scenarios on the default data with BUNDLE (default:
 	$(PY) -m monitoring.drift_demo --bundle $(or $(BUNDLE),runs/champion/bundle) --data-dir $(DATA_DIR) --out $(REPORTS)/drift
 
 loop-demo: install ## the MLOps loop on real servers (private MLflow, TorchServe, Ray, Evidently): serve -> drift -> retrain -> promote -> rollout -> rollback -> reports/loop/loop.json
-	$(PY) -m monitoring.loop_demo --data-dir $(DATA_DIR) --out $(REPORTS)/loop/loop.json
+	$(if $(filter file,$(origin MLFLOW_TRACKING_URI)),env -u MLFLOW_TRACKING_URI) $(PY) -m monitoring.loop_demo --data-dir $(DATA_DIR) --out $(REPORTS)/loop/loop.json
 
 rollout: install ## swap models:/cxr-screen@champion into the running `make serve` TorchServe (management API, no restart)
 	$(PY) -m serving.rollout --model-uri $(MODEL_URI)
