@@ -23,7 +23,7 @@ from PIL import Image
 
 from cxr_core.audit import AuditLogWriter, prediction_record, utc_timestamp
 from cxr_core.bundle import load_bundle
-from monitoring.drift import n_labelled
+from monitoring.drift import n_labelled, run_drift
 from monitoring.features import load_features
 from monitoring.feedback import FeedbackStore, join_labels
 from review.app import create_app
@@ -185,6 +185,19 @@ def test_index_follows_a_growing_log(answers, tmp_path):
     assert index.case("late")[0][1].request_id == "late"
 
 
+def labelled_reference(answers, path: Path) -> Path:
+    """A reference feature table for the drift job: the same real answers with their true labels."""
+    classes = load_bundle(CHAMPION, gate=False).manifest.classes
+    log = AuditLog(path.with_suffix(".jsonl"))
+    for number, answer in enumerate(answers[:-1]):  # the 4-per-class images; not the blank frame
+        log.prediction(answer, request_id=f"ref-{number}", model_name="cxr-screen", model_version="3",
+                       caller_id=None, latency_ms=1.0, protocol="v2", item=0, n_items=1)
+    frame = load_features(path.with_suffix(".jsonl")).frame
+    frame["label"] = [name for name in classes for _ in range(4)]
+    frame.to_csv(path, index=False)
+    return path
+
+
 # --- the browser ----------------------------------------------------------------------------------------------
 
 
@@ -235,6 +248,7 @@ def browser(tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(10)  # a click's navigation finishes after click() returns: wait for the next page
     try:
         yield driver
     finally:
@@ -276,5 +290,12 @@ def test_a_reviewer_corrects_an_urgent_case_in_chromium(served, browser, answers
     row = joined[joined["request_id"] == request_id]
     assert len(row) == 1 and row["label"].iloc[0] == correction and row["decision"].iloc[0] == decided
     assert n_labelled(joined, ["normal", "pneumonia", "tuberculosis"]) == 1
+    # ... and `make drift` itself (monitoring.drift.run_drift): the correction is its one confirmed label
+    summary = run_drift(audit_log.parent, labelled_reference(answers, feedback_db.parent / "reference.csv"),
+                        feedback_db.parent / "drift", feedback_db=feedback_db)
+    assert summary["current"]["feedback"]["labels"] == 1 and summary["ece"]["current"]["n_labelled"] == 1
+    if shots:
+        print("drift after the correction:", json.dumps({"feedback": summary["current"]["feedback"],
+                                                         "ece_current": summary["ece"]["current"]}))
     actions = [(e.action, e.reviewer) for e in read_review_events(review_log)]
     assert actions[:2] == [("login", REVIEWER), ("view_worklist", REVIEWER)] and ("label", REVIEWER) in actions
