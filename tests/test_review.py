@@ -172,6 +172,19 @@ def test_case_view_labels_and_audits(stack, answers):
     assert KEY not in text and "image" not in text
 
 
+def test_a_hospital_case_id_is_shown_only_where_the_line_carries_one(answers, tmp_path):
+    path = write_log(answers[:1], tmp_path / "audit.jsonl", copies=1)
+    record = prediction_record(answers[0], request_id="with-case", time=utc_timestamp(), model_name="cxr-screen",
+                               model_version="3", caller_id="hospital-a", latency_ms=1.0, protocol="v2")
+    AuditLogWriter(path).write(record.model_copy(update={"case_id": "H-2026-0042"}))
+    config = ReviewConfig(audit_log=str(path), feedback_db=str(tmp_path / "fb.db"),
+                          review_audit_log=str(tmp_path / "review.log"), reviewers_file=str(tmp_path / "r.json"))
+    client = logged_in(create_app(config, {REVIEWER: KEY}, secret="s"))
+    assert 'id="case-id">H-2026-0042<' in client.get("/case/with-case").text
+    assert "case H-2026-0042" in client.get("/").text
+    assert "Hospital case id" not in client.get("/case/req-00-00").text
+
+
 def test_index_follows_a_growing_log(answers, tmp_path):
     path = write_log(answers[:2], tmp_path / "audit.jsonl", copies=1)
     index = WorklistIndex(path, check_interval_s=0)
