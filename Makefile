@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback review review-bench mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd chromium images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,11 +30,15 @@ $(PY):
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
-install: $(PY) etcd ## create .venv with the locked dependencies and the project (editable); etcd for the cluster tests
+install: $(PY) etcd chromium ## create .venv with the locked dependencies and the project (editable); etcd for the cluster tests, Chromium for the review browser test
 
 etcd: ## etcd from Debian (etcd-server) for the test control plane, when it is missing
 	@command -v etcd >/dev/null || { [ "$$(id -u)" = 0 ] || { echo "etcd missing: run 'apt-get install -y etcd-server' as root" >&2; exit 1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+
+chromium: ## headless Chromium + chromedriver from Debian for the review app's browser test, when missing
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { [ "$$(id -u)" = 0 ] || { echo "chromium missing: run 'apt-get install -y chromium chromium-driver' as root" >&2; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 lock: ## re-resolve requirements.txt and rewrite constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -118,6 +122,14 @@ rollout: install ## swap models:/cxr-screen@champion into the running `make serv
 
 feedback: install ## make feedback REQUEST_ID=... LABEL=tuberculosis [REVIEWER=...]
 	$(PY) -m monitoring.feedback add --request-id "$(REQUEST_ID)" --label "$(LABEL)" --reviewer "$(REVIEWER)" --audit-log $(AUDIT_LOG)
+
+REVIEW_PORT ?= 8090
+FEEDBACK_DB ?= ## empty: $$CXR_FEEDBACK_DB, else configs/review.yaml's (the store `make drift` reads)
+review: install ## the radiologists' worklist on 127.0.0.1:$(REVIEW_PORT) over $(AUDIT_LOG) (first start writes a key to .cache/review/reviewers.json)
+	$(PY) -m review.app --audit-log $(AUDIT_LOG) $(if $(FEEDBACK_DB),--feedback-db $(FEEDBACK_DB)) --port $(REVIEW_PORT) $(REVIEW_ARGS)
+
+review-bench: install ## the worklist's index and page-1 times on a 100,000-line audit log -> reports/review/bench.json
+	$(PY) -m review.bench --out $(REPORTS)/review/bench.json
 
 PACKAGE ?= model-package
 MODEL_URI ?= models:/cxr-screen@champion

@@ -166,6 +166,21 @@ def iter_audit_lines(path: Path | str) -> Iterator[tuple[str, str]]:
                     yield f"{file}:{number}", line
 
 
+def read_audit_line(where: str) -> AuditRecord:
+    """The record at ``where`` (``file:line`` as :func:`iter_audit_lines` names it), read again from disk.
+
+    Lets a reader that indexed a large log keep only small rows in memory and fetch one whole
+    record (a case view) on demand: skipping lines without parsing them is cheap.
+    """
+    file, _, number = where.rpartition(":")
+    target = int(number)
+    with _open_text(Path(file)) as handle:
+        for current, line in enumerate(handle, 1):
+            if current == target:
+                return parse_audit_line(line, where)
+    raise KeyError(f"{where}: no such line")
+
+
 def read_audit_records(path: Path | str) -> list[AuditRecord]:
     """Every line of a log file or folder as a validated record (strict: a bad line raises)."""
     return [parse_audit_line(line, where) for where, line in iter_audit_lines(path)]

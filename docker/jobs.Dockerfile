@@ -41,6 +41,7 @@ COPY cxr_core/ /app/cxr_core/
 COPY training/ /app/training/
 COPY serving/ /app/serving/
 COPY monitoring/ /app/monitoring/
+COPY review/ /app/review/
 COPY configs/ /app/configs/
 COPY charts/__init__.py charts/kube.py charts/secrets.py /app/charts/
 COPY docker/healthcheck.py /usr/local/bin/cxr-healthcheck

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cxr_core.audit import AUDIT_SCHEMA_VERSION, UnsupportedAuditVersion, parse_audit_line
+from cxr_core.audit import AUDIT_SCHEMA_VERSION, UnsupportedAuditVersion, iter_audit_lines, parse_audit_line, read_audit_line
 from cxr_core.bundle import load_bundle
 from monitoring.features import read_audit_log as read_feature_table
 from monitoring.replay import replay_images, write_audit_log
@@ -88,3 +88,17 @@ def test_version_1_lines_and_request_lines_read_with_the_version_2_reader(predic
     assert list(table.frame["request_id"]) == ["old", "p"]
     assert table.n_lines == 3 and table.n_malformed == 0 and table.n_errors == 0
     assert parse_audit_line(json.dumps(version_1)).schema_version == 1
+
+
+def test_a_record_is_read_again_by_its_position(predictions, tmp_path):
+    """What the review app's case view does: index small rows, fetch one whole record by ``file:line``."""
+    _, answers = predictions
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for item, answer in enumerate(answers):
+        log.prediction(answer, request_id=f"req-{item}", model_name="cxr-screen", model_version="7", caller_id=None,
+                       latency_ms=1.0, protocol="v2", item=0, n_items=1)
+    wheres = [where for where, _ in iter_audit_lines(tmp_path / "audit.jsonl")]
+    assert [read_audit_line(where).request_id for where in wheres] == [f"req-{i}" for i in range(len(answers))]
+    assert read_audit_line(wheres[-1]).features["decision"] == answers[-1].decision.label
+    with pytest.raises(KeyError):
+        read_audit_line(f"{tmp_path / 'audit.jsonl'}:99")

@@ -29,6 +29,7 @@ CI_FILES = {
     "no-sweep": "no-sweep-values.yaml",
     "no-inference": "no-inference-values.yaml",
     "no-networkpolicies": "no-networkpolicies-values.yaml",
+    "review": "review-values.yaml",
 }
 # What `make package-model` writes and KServe mounts at /mnt/models (DESIGN.md, storage layout).
 STORAGE_LAYOUT = ("config/config.properties", "model-store/cxr-screen.mar")
@@ -639,6 +640,31 @@ def test_audit_log_claim_is_created_and_mounted_by_predictor_and_drift():
     assert env_of(container)["CXR_FEEDBACK_DB"] == "/var/log/cxr-screen/feedback.db"
     existing = validate.render_chart({"auditLog": {"existingClaim": "hospital-audit"}})
     assert not [c for c in existing.of_kind("PersistentVolumeClaim") if c["metadata"]["name"].endswith("audit-log")]
+
+
+def test_review_is_off_by_default_and_reads_what_the_drift_job_reads_when_on():
+    assert default_values()["review"]["enabled"] is False
+    assert not [o for o in rendered("default").objects if o["metadata"]["name"] == "cxr-screen-review"]
+    chart = rendered("review")
+    deployment = one(chart, "Deployment", "cxr-screen-review")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 1 and pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    args = container["args"]
+    drift = one(chart, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert args[args.index("--feedback-db") + 1] == env_of(drift)["CXR_FEEDBACK_DB"]  # the ECE input
+    assert args[args.index("--audit-log") + 1] == drift["args"][drift["args"].index("--current") + 1]
+    assert {"name": "audit-log", "persistentVolumeClaim": {"claimName": "cxr-screen-audit-log"}} in pod["volumes"]
+    assert {"name": "reviewers", "secret": {"secretName": "cxr-screen-reviewers"}} in pod["volumes"]
+    assert env_of(container)["CXR_REVIEW_SECRET"]["secretKeyRef"] == {"name": "cxr-screen-reviewers",
+                                                                       "key": "session-secret"}
+    service = one(chart, "Service", "cxr-screen-review")
+    assert service["spec"]["ports"][0]["port"] == 8090 and service["spec"]["type"] == "ClusterIP"
+    policy = one(chart, "NetworkPolicy", "cxr-screen-review")
+    assert policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"}
+    with pytest.raises(Exception, match="reviewersSecret"):
+        validate.render_chart({"review": {"enabled": True}})
 
 
 # --- generated secrets: made by a hook at install, never at render time ------------------------

@@ -285,3 +285,7 @@ spec:
         template:
           {{- include "cxr-screen.sweep.podTemplate" (dict "root" $root "role" "worker" "spec" $sweep.workers) | nindent 10 }}
 {{- end -}}
+
+{{- define "cxr-screen.review.name" -}}
+{{- printf "%s-review" (include "cxr-screen.fullname" .) -}}
+{{- end -}}
