@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         audit_log = write_log(real_predictions(args.bundle, args.data_dir, args.images), work / "audit.jsonl",
                               args.lines)
-        result = {"bundle": str(args.bundle), **measure(audit_log, work)}
+        bundle = args.bundle.resolve()
+        named = bundle.relative_to(Path.cwd()) if bundle.is_relative_to(Path.cwd()) else bundle
+        result = {"bundle": str(named), **measure(audit_log, work)}  # no machine-specific path in a report
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
