@@ -280,11 +280,14 @@ def run_loop(data_dir: Path, work: Path, say: Callable[[str], None] = print) -> 
                                "registered": back.registered, "unregistered": back.unregistered,
                                "seconds": back.seconds}
         say(f"9. rollback: champion -> {rolled['champion']}; served {steps['9_rollback']['served_after']}")
-        versions = {}
-        for record in read_audit_records(served.audit_log):
-            versions[record.model_version] = versions.get(record.model_version, 0) + 1
-        steps["audit_log"] = {"records": sum(versions.values()), "by_model_version": versions}
-        say(f"   audit log: {steps['audit_log']['records']} records, by model version {versions}")
+        versions, events = {}, {}
+        records = read_audit_records(served.audit_log)
+        for record in records:
+            events[record.event] = events.get(record.event, 0) + 1
+            if record.event != "request":  # metadata / readiness lines name no answering model run
+                versions[record.model_version] = versions.get(record.model_version, 0) + 1
+        steps["audit_log"] = {"records": len(records), "by_event": events, "by_model_version": versions}
+        say(f"   audit log: {len(records)} records {events}; answers and refusals by model version {versions}")
     finally:
         served.close()
     steps["seconds"] = round(time.perf_counter() - started, 1)

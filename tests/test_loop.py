@@ -70,3 +70,6 @@ def test_the_loop_closes_and_rolls_back(data_dir, mlflow_server, tmp_path):
 
     # the audit log holds every request with the version that answered it (2 probes + 2 after rollback)
     assert steps["audit_log"]["by_model_version"] == {champion: 2 * n_stream + 4, challenger: 2}
+    # and the front's own answers (metadata, readiness) have their request lines beside them
+    assert steps["audit_log"]["by_event"]["prediction"] == 2 * n_stream + 6
+    assert steps["audit_log"]["records"] == sum(steps["audit_log"]["by_event"].values())
