@@ -8,7 +8,9 @@ writes each answered image's bytes there and the review app reads them back unti
 A file's name is a SHA-256 of the (already cleaned) request id and the item number, never the
 caller's text itself, so no id reaches a directory listing and no id can walk the file system.
 Files are mode 0600 in a 0700 folder, written atomically (temp file + rename). An expired file
-is deleted when it is read and by :meth:`ImageCache.purge`; expiry is the file's age (mtime).
+is deleted when it is read and by :meth:`ImageCache.purge`, which :meth:`ImageCache.put` also runs
+at most once a minute, so an image nobody opened does not outlive its TTL by more than that;
+expiry is the file's age (mtime).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CACHE_DIR_ENV = "CXR_IMAGE_CACHE_DIR"
 CACHE_TTL_ENV = "CXR_IMAGE_CACHE_TTL_S"
 DEFAULT_TTL_S = 3600
 SUFFIX = ".img"
+PURGE_INTERVAL_S = 60.0
 CacheState = Literal["stored", "expired", "absent"]
 
 
@@ -37,6 +40,7 @@ class ImageCache:
             raise ValueError(f"the image cache TTL must be positive, not {ttl_s}")
         self.root = Path(root)
         self.ttl_s = int(ttl_s)
+        self._last_purge = float("-inf")
 
     @classmethod
     def from_env(cls, directory: str | None = None, ttl_s: int | None = None) -> "ImageCache | None":
@@ -57,6 +61,9 @@ class ImageCache:
     def put(self, request_id: str, item: int, data: bytes) -> Path:
         """Store ``data`` (replacing an earlier image of the same id and item)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if time.monotonic() - self._last_purge >= PURGE_INTERVAL_S:
+            self._last_purge = time.monotonic()
+            self.purge()
         target = self.path_of(request_id, item)
         temporary = target.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

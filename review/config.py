@@ -40,7 +40,8 @@ class ReviewConfig(BaseModel):
                                                       "default: no image is stored (env CXR_IMAGE_CACHE_DIR wins)")
     image_cache_ttl_s: int = Field(DEFAULT_TTL_S, ge=1, description="how long the cache keeps an image "
                                                                    "(env CXR_IMAGE_CACHE_TTL_S wins)")
-    bundle: str = Field("models/champion", description="the bundle whose Grad-CAM the case view shows on a cached image")
+    bundle: str = Field("models/champion",
+                        description="the bundle whose Grad-CAM the case view shows on a cached image")
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ReviewConfig":

@@ -185,8 +185,9 @@ def test_a_cached_image_is_shown_with_its_overlay_and_lung_zones(answers, tmp_pa
     """Serving's cache holds a real radiograph: the case shows its Grad-CAM and lung-zone shares, behind the login."""
     image = sorted((data_dir / "test" / "pneumonia").glob("*.jpg"))[0].read_bytes()
     path = write_log(answers[:1], tmp_path / "audit.jsonl", copies=1)
-    AuditLog(path).prediction(load_bundle(CHAMPION).predict_many([image])[0], request_id="cached", model_name="cxr-screen",
-                              model_version="3", caller_id="hospital-a", latency_ms=1.0, protocol="v2", item=0, n_items=1)
+    answer = load_bundle(CHAMPION).predict_many([image])[0]
+    AuditLog(path).prediction(answer, request_id="cached", model_name="cxr-screen", model_version="3",
+                              caller_id="hospital-a", latency_ms=1.0, protocol="v2", item=0, n_items=1)
     cache = ImageCache(tmp_path / "image-cache", ttl_s=600)
     cache.put("cached", 0, image)
     config = ReviewConfig(audit_log=str(path), feedback_db=str(tmp_path / "fb.db"), image_cache=str(cache.root),

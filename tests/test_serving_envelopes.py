@@ -176,6 +176,9 @@ def test_handler_caches_answered_images_only_when_enabled(tiny_bundle, tmp_path,
     assert cache.get("on-0", 0) is None and not cache.path_of("on-0", 0).exists()  # expired: None and deleted
     os.utime(cache.path_of("on-2", 1), (old, old))
     assert cache.purge() == 1 and cache.get("on-2", 0) == image
+    os.utime(cache.path_of("on-2", 0), (old, old))
+    ImageCache(cache_dir, 60).put("later", 0, image)  # a put purges too: an image nobody opened goes
+    assert sorted(cache_dir.iterdir()) == [cache.path_of("later", 0)]
 
 
 def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
