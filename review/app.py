@@ -2,6 +2,7 @@
 
     python -m review.app [--config configs/review.yaml] [--audit-log logs] [--feedback-db monitoring/feedback.db]
                          [--reviewers-file F] [--host 127.0.0.1] [--port 8090]
+                         [--image-cache DIR [--image-cache-ttl-s 3600] [--bundle models/champion]]
 
 Server-rendered pages (FastAPI + Jinja2; no JavaScript, nothing to build). The audit log is read
 only through the shared core (:mod:`review.index`), labels go through
@@ -9,7 +10,9 @@ only through the shared core (:mod:`review.index`), labels go through
 in with their id and key (:mod:`review.auth`); the session is a signed cookie (SameSite=strict,
 HttpOnly) and every form carries a per-session token. Every view, login and label is a line of
 the review audit log (:mod:`review.audit`). No image is stored by default, so a case shows what
-its audit record holds.
+its audit record holds; where the deployment enables serving's short-lived image cache
+(``--image-cache`` / ``CXR_IMAGE_CACHE_DIR``), it also shows the image with its Grad-CAM overlay and
+lung-zone shares (:mod:`review.images`), served by an authenticated, audited route.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
+from cxr_core.errors import InputError
+from cxr_core.explain import ExplanationUnavailableError
 from cxr_core.gate import REASONS
+from cxr_core.image_cache import ImageCache
 from monitoring.feedback import FeedbackError, FeedbackStore
 from review.audit import ReviewAudit
 from review.auth import check_key, ensure_reviewers_file, load_reviewers
-from review.config import SECRET_ENV, ReviewConfig
+from review.config import REPO_ROOT, SECRET_ENV, ReviewConfig
+from review.images import CaseImages
 from review.index import TRIAGE_ORDER, WorklistIndex
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,12 @@ def _flag(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "on", "yes")
 
 
+def _bundle_path(bundle: str) -> Path:
+    """A relative bundle path from the working directory, else from the checkout (``models/champion``)."""
+    path = Path(bundle)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
 def create_app(config: ReviewConfig, reviewers: dict[str, str], secret: str | None = None) -> FastAPI:
     """The app for one audit log, one feedback store and one reviewer list."""
     if not reviewers:
@@ -62,7 +75,10 @@ def create_app(config: ReviewConfig, reviewers: dict[str, str], secret: str | No
     index.refresh(force=True)
     store = FeedbackStore(config.feedback_db)
     audit = ReviewAudit(config.review_audit_log)
+    cache = ImageCache(config.image_cache, config.image_cache_ttl_s) if config.image_cache else None
+    images = CaseImages(cache, _bundle_path(config.bundle))  # cache None: the privacy default, no image
     app.state.index, app.state.store, app.state.audit, app.state.config = index, store, audit, config
+    app.state.images = images
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None
@@ -142,10 +158,30 @@ def create_app(config: ReviewConfig, reviewers: dict[str, str], secret: str | No
         if not items:
             return render(request, "not_found.html", {}, status=404)
         audit.record("view_case", reviewer, request_id=request_id, client=client_of(request))
-        return render(request, "case.html", {
-            "request_id": request_id, "items": items, "entry": store.get(request_id),
-            "history": store.history(request_id), "classes": index.classes(), "reasons": REASONS,
-            "saved": _flag(saved), "error": None})
+        return render(request, "case.html", case_context(request_id, items, saved=_flag(saved), error=None))
+
+    def case_context(request_id: str, items: list, saved: bool, error: str | None) -> dict[str, Any]:
+        views = [images.view(request_id, record.item or 0, record.time) if record.event == "prediction" else None
+                 for _, record in items]
+        return {"request_id": request_id, "items": items, "entry": store.get(request_id),
+                "history": store.history(request_id), "classes": index.classes(), "reasons": REASONS,
+                "saved": saved, "error": error, "images": views, "cache_ttl_s": config.image_cache_ttl_s,
+                "cache_on": images.cache is not None}
+
+    @app.get("/case/{request_id}/{item}/overlay.png")
+    def overlay(request: Request, request_id: str, item: int) -> Response:
+        reviewer = reviewer_of(request)
+        if not any(record.event == "prediction" and (record.item or 0) == item for _, record in index.case(request_id)):
+            return render(request, "not_found.html", {}, status=404)
+        try:
+            explanation = images.explanation(request_id, item)
+        except (ExplanationUnavailableError, InputError):
+            explanation = None
+        if explanation is None:  # cache off, expired, or nothing to explain
+            return render(request, "not_found.html", {}, status=404)
+        audit.record("view_overlay", reviewer, request_id=request_id, item=item, client=client_of(request))
+        return Response(explanation.overlay_png, media_type="image/png",
+                        headers={"Cache-Control": "no-store, private"})
 
     @app.post("/case/{request_id}/label")
     def label(request: Request, request_id: str, label: str = Form(...), token: str = Form("")) -> Response:
@@ -156,10 +192,8 @@ def create_app(config: ReviewConfig, reviewers: dict[str, str], secret: str | No
         try:
             entry = store.add(request_id, label, classes=index.classes() or None, reviewer=reviewer, note=FEEDBACK_NOTE)
         except FeedbackError as error:
-            return render(request, "case.html", {
-                "request_id": request_id, "items": index.case(request_id), "entry": store.get(request_id),
-                "history": store.history(request_id), "classes": index.classes(), "reasons": REASONS,
-                "saved": False, "error": str(error)}, status=422)
+            return render(request, "case.html", case_context(request_id, index.case(request_id), saved=False,
+                                                             error=str(error)), status=422)
         audit.record("label", reviewer, request_id=request_id, label=entry.label, previous_label=entry.previous_label,
                      client=client_of(request))
         return RedirectResponse(f"/case/{request_id}?saved=1", status_code=303)
@@ -174,6 +208,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feedback-db", default=None, help="SQLite feedback store (default: the config's)")
     parser.add_argument("--reviewers-file", default=None, help='JSON {"reviewer id": "key"} (default: the config\'s)')
     parser.add_argument("--review-audit-log", default=None)
+    parser.add_argument("--image-cache", default=None,
+                        help="serving's short-lived image cache folder (default off: no image stored)")
+    parser.add_argument("--image-cache-ttl-s", type=int, default=None, help="its TTL (default 3600)")
+    parser.add_argument("--bundle", default=None, help="bundle for the overlays (default models/champion)")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     return parser.parse_args(argv)
@@ -187,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ReviewConfig.load(args.config)
     overrides = {name: value for name, value in (
         ("audit_log", args.audit_log), ("feedback_db", args.feedback_db), ("reviewers_file", args.reviewers_file),
-        ("review_audit_log", args.review_audit_log), ("host", args.host), ("port", args.port)) if value is not None}
+        ("review_audit_log", args.review_audit_log), ("host", args.host), ("port", args.port),
+        ("image_cache", args.image_cache), ("image_cache_ttl_s", args.image_cache_ttl_s), ("bundle", args.bundle))
+        if value is not None}
     config = config.model_copy(update=overrides)
     config = ReviewConfig.model_validate(config.model_dump())
     reviewers = load_reviewers(config.reviewers_file) or (

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from cxr_core.audit import AuditLogWriter, utc_timestamp
 
 REVIEW_AUDIT_SCHEMA_VERSION = 1
-Action = Literal["login", "login_refused", "logout", "view_worklist", "view_case", "label"]
+Action = Literal["login", "login_refused", "logout", "view_worklist", "view_case", "view_overlay", "label"]
 
 
 class ReviewEvent(BaseModel):
@@ -28,6 +28,7 @@ class ReviewEvent(BaseModel):
     reviewer: str | None
     action: Action
     request_id: str | None = None
+    item: int | None = None
     label: str | None = None
     previous_label: str | None = None
     filters: dict[str, str] | None = None

@@ -1,7 +1,8 @@
 """The review app's configuration (``configs/review.yaml``): YAML -> pydantic, validated once at start.
 
 Command-line flags of :mod:`review.app` override the file; ``CXR_AUDIT_LOG`` / ``CXR_FEEDBACK_DB``
-are honoured like in serving and the drift job so the three read and write the same files.
+are honoured like in serving and the drift job so the three read and write the same files, and
+``CXR_IMAGE_CACHE_DIR`` / ``CXR_IMAGE_CACHE_TTL_S`` like in serving's handler, which fills that cache.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from cxr_core.image_cache import CACHE_DIR_ENV, CACHE_TTL_ENV, DEFAULT_TTL_S
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "review.yaml"
@@ -33,6 +36,12 @@ class ReviewConfig(BaseModel):
     page_size: int = Field(50, ge=1, le=1000)
     session_max_age_s: int = Field(8 * 3600, ge=60, description="a reviewer logs in again after this")
     secure_cookies: bool = Field(False, description="mark the session cookie Secure (set behind TLS)")
+    image_cache: str | None = Field(None, description="serving's short-lived image cache folder; off (None) by "
+                                                      "default: no image is stored (env CXR_IMAGE_CACHE_DIR wins)")
+    image_cache_ttl_s: int = Field(DEFAULT_TTL_S, ge=1, description="how long the cache keeps an image "
+                                                                   "(env CXR_IMAGE_CACHE_TTL_S wins)")
+    bundle: str = Field("models/champion",
+                        description="the bundle whose Grad-CAM the case view shows on a cached image")
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ReviewConfig":
@@ -42,4 +51,8 @@ class ReviewConfig(BaseModel):
             payload["audit_log"] = os.environ["CXR_AUDIT_LOG"]
         if os.environ.get("CXR_FEEDBACK_DB"):
             payload["feedback_db"] = os.environ["CXR_FEEDBACK_DB"]
+        if os.environ.get(CACHE_DIR_ENV):
+            payload["image_cache"] = os.environ[CACHE_DIR_ENV]
+        if os.environ.get(CACHE_TTL_ENV):
+            payload["image_cache_ttl_s"] = int(os.environ[CACHE_TTL_ENV])
         return cls.model_validate(payload)

@@ -35,6 +35,7 @@ from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from cxr_core.bundle import Prediction, load_bundle  # noqa: E402
 from cxr_core.errors import InputError  # noqa: E402
+from cxr_core.image_cache import ImageCache  # noqa: E402
 from cxr_core.explain import ExplanationUnavailableError, explain_prepared, require_explainable  # noqa: E402
 from cxr_core.preprocess import prepare_image  # noqa: E402
 from cxr_core.audit import AuditRecord, error_record, prediction_record  # noqa: E402
@@ -70,6 +71,7 @@ class CxrScreenHandler(BaseHandler):
         self.model_version = "unknown"
         self.thresholds: dict[str, float] = {}
         self.audit = AuditLog()
+        self.image_cache: ImageCache | None = None
 
     def initialize(self, context) -> None:
         threads = os.environ.get(THREADS_ENV)
@@ -86,6 +88,7 @@ class CxrScreenHandler(BaseHandler):
         self.model_version = str(manifest.get("modelVersion") or "unknown")
         self.thresholds = ranked_thresholds(self.predictor.manifest.policy)
         self.audit = AuditLog()
+        self.image_cache = ImageCache.from_env()  # None unless the deployment enabled it: no image kept
         install_redaction()
         if self.predictor.torch_model is not None:
             import pytorch_grad_cam  # noqa: F401  # slow first import: pay it at load, not on a request
@@ -214,7 +217,18 @@ class CxrScreenHandler(BaseHandler):
                 model_version=self.model_version, caller_id=info["caller_id"], latency_ms=latency_ms,
                 protocol=request.protocol, item=item, n_items=len(outcome), explained=request.explain,
                 batch_size=len(data)) for item, prediction in enumerate(outcome))
+            self._cache_images(info["request_id"], request.images)
         return answers
+
+    def _cache_images(self, request_id: str, images: list[bytes]) -> None:
+        """The answered images into the short-lived review cache, if enabled; a full disk never fails an answer."""
+        if self.image_cache is None:
+            return
+        try:
+            for item, image in enumerate(images):
+                self.image_cache.put(request_id, item, image)
+        except OSError as error:
+            log.warning("cxr-screen: could not cache an answered image (%s)", type(error).__name__)
 
     def _predict(self, images: list[bytes]) -> list[Prediction | InputError]:
         """``predict_many`` on the whole batch; if something unexpected breaks it, image by image, so

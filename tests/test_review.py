@@ -22,6 +22,8 @@ from PIL import Image
 
 from cxr_core.audit import AuditLogWriter, prediction_record, utc_timestamp
 from cxr_core.bundle import load_bundle
+from cxr_core.explain import LUNG_ZONES
+from cxr_core.image_cache import ImageCache
 from monitoring.drift import n_labelled, run_drift
 from monitoring.features import load_features
 from monitoring.feedback import FeedbackStore, join_labels
@@ -169,6 +171,49 @@ def test_case_view_labels_and_audits(stack, answers):
     assert ("view_case", urgent) in actions and ("label", urgent) in actions and actions[0] == ("login", None)
     text = Path(config.review_audit_log).read_text()
     assert KEY not in text and "image" not in text
+
+
+def test_without_the_cache_a_case_says_its_image_is_not_stored(stack):
+    config, app = stack
+    assert config.image_cache is None  # the default
+    page = logged_in(app).get("/case/req-00-00")
+    assert 'id="image-state-0">image not stored (privacy default)<' in page.text and "overlay.png" not in page.text
+    assert logged_in(app).get("/case/req-00-00/0/overlay.png").status_code == 404
+
+
+def test_a_cached_image_is_shown_with_its_overlay_and_lung_zones(answers, tmp_path, data_dir):
+    """Serving's cache holds a real radiograph: the case shows its Grad-CAM and lung-zone shares, behind the login."""
+    image = sorted((data_dir / "test" / "pneumonia").glob("*.jpg"))[0].read_bytes()
+    path = write_log(answers[:1], tmp_path / "audit.jsonl", copies=1)
+    answer = load_bundle(CHAMPION).predict_many([image])[0]
+    AuditLog(path).prediction(answer, request_id="cached", model_name="cxr-screen", model_version="3",
+                              caller_id="hospital-a", latency_ms=1.0, protocol="v2", item=0, n_items=1)
+    cache = ImageCache(tmp_path / "image-cache", ttl_s=600)
+    cache.put("cached", 0, image)
+    config = ReviewConfig(audit_log=str(path), feedback_db=str(tmp_path / "fb.db"), image_cache=str(cache.root),
+                          image_cache_ttl_s=600, review_audit_log=str(tmp_path / "review.log"),
+                          reviewers_file=str(tmp_path / "r.json"))
+    app = create_app(config, {REVIEWER: KEY}, secret="s")
+    client = logged_in(app)
+    page = client.get("/case/cached")
+    assert page.status_code == 200 and 'id="overlay-0" src="/case/cached/0/overlay.png"' in page.text
+    zones = page.text.split('id="lung-zones-0"', 1)[1].split("</table>", 1)[0]
+    assert all(f"<td>{zone}</td>" in zones for zone in LUNG_ZONES) and "outside chest" in zones
+    png = client.get("/case/cached/0/overlay.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG") and Image.open(io.BytesIO(png.content)).size == Image.open(
+        io.BytesIO(image)).size  # the overlay lies on the image the hospital sent, at its size
+    assert "no-store" in png.headers["cache-control"]
+    anonymous = TestClient(app).get("/case/cached/0/overlay.png")
+    assert anonymous.status_code == 401 and b"PNG" not in anonymous.content
+    assert client.get("/case/cached/1/overlay.png").status_code == 404  # no such item
+    assert client.get("/case/req-00-00").text.count("image not in the cache") == 1  # never cached
+    events = [(e.action, e.request_id, e.item) for e in read_review_events(config.review_audit_log)]
+    assert ("view_case", "cached", None) in events and ("view_overlay", "cached", 0) in events
+    old = time.time() - 601
+    os.utime(cache.path_of("cached", 0), (old, old))
+    assert 'id="image-state-0">image expired' in client.get("/case/cached").text
+    assert client.get("/case/cached/0/overlay.png").status_code == 404 and not cache.path_of("cached", 0).exists()
 
 
 def test_a_hospital_case_id_is_shown_only_where_the_line_carries_one(answers, tmp_path):

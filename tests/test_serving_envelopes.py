@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 
@@ -127,6 +128,57 @@ def test_handler_answers_each_item_of_a_batch(tiny_bundle, tmp_path, data_dir, m
     assert [(line["request_id"], line["event"]) for line in lines] == [
         ("id-0", "prediction"), ("id-1", "error"), ("id-2", "prediction"), ("id-3", "error")]
     assert {line["batch_size"] for line in lines} == {4}
+
+
+def test_handler_caches_answered_images_only_when_enabled(tiny_bundle, tmp_path, data_dir, monkeypatch):
+    """Off by default nothing is written; enabled, each answered image (not a refused one) is kept until its TTL."""
+    import os
+    import shutil
+
+    from ts.context import Context, RequestProcessor
+
+    from cxr_core.image_cache import CACHE_DIR_ENV, CACHE_TTL_ENV, ImageCache
+    from serving.handler import CxrScreenHandler
+
+    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
+    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    image = sorted((data_dir / "test" / "normal").glob("*.jpg"))[0].read_bytes()
+    encoded = base64.b64encode(image).decode()
+    cache_dir = tmp_path / "image-cache"
+
+    def serve(batch_id: str) -> list[int]:
+        context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen"}},
+                          3, None, "0.12.0", metrics=_Metrics())
+        handler = CxrScreenHandler()
+        handler.initialize(context)
+        context.request_processor = [RequestProcessor({"x-request-id": f"{batch_id}-{i}", "explain": "False"})
+                                     for i in range(3)]
+        context.request_ids = {i: f"ts-{i}" for i in range(3)}
+        handler.handle([{"body": bytearray(image)}, {"body": bytearray(b"garbage")},
+                        {"body": {"instances": [encoded, encoded]}}], context)
+        return [context.get_response_status(i)[0] for i in range(3)]
+
+    monkeypatch.setenv(CACHE_TTL_ENV, "60")
+    assert serve("off") == [200, 415, 200]
+    assert not cache_dir.exists()  # disabled (no directory set): not a byte written anywhere
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(cache_dir))
+    assert serve("on") == [200, 415, 200]
+    cache = ImageCache(cache_dir, 60)
+    assert cache.get("on-0", 0) == image and cache.get("on-2", 0) == image and cache.get("on-2", 1) == image
+    assert cache.get("on-1", 0) is None and cache.get("off-0", 0) is None  # refused: never cached
+    files = sorted(cache_dir.iterdir())
+    assert len(files) == 3 and all(oct(path.stat().st_mode & 0o777) == "0o600" for path in files)
+    assert all("on-" not in path.name for path in files)  # named by a hash, never by the caller's id
+    old = time.time() - 61
+    os.utime(cache.path_of("on-0", 0), (old, old))
+    assert cache.get("on-0", 0) is None and not cache.path_of("on-0", 0).exists()  # expired: None and deleted
+    os.utime(cache.path_of("on-2", 1), (old, old))
+    assert cache.purge() == 1 and cache.get("on-2", 0) == image
+    os.utime(cache.path_of("on-2", 0), (old, old))
+    ImageCache(cache_dir, 60).put("later", 0, image)  # a put purges too: an image nobody opened goes
+    assert sorted(cache_dir.iterdir()) == [cache.path_of("later", 0)]
 
 
 def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
