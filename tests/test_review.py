@@ -7,6 +7,7 @@ of the shipped champion (with its gate), so the pages read exactly what serving 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,7 +32,7 @@ from review.app import create_app
 from review.audit import read_review_events
 from review.config import ReviewConfig
 from review.index import TRIAGE_RANK, WorklistIndex
-from serving.audit import AuditLog
+from serving.audit import AuditLog, read_audit_log as read_audit_log_dicts
 from tests.conftest import REPO_ROOT, free_port
 
 CHAMPION = REPO_ROOT / "models" / "champion"
@@ -262,19 +263,18 @@ def labelled_reference(answers, path: Path) -> Path:
 # --- the browser ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def served(answers, tmp_path):
-    """`python -m review.app` for real (uvicorn) on a free port, like `make review`."""
-    audit_log = write_log(answers, tmp_path / "logs" / "audit.jsonl", copies=3)
+@contextlib.contextmanager
+def review_server(audit_dir: Path, tmp_path: Path, extra: list[str] | None = None):
+    """`python -m review.app` for real (uvicorn) on a free port, like `make review`; always stopped."""
     reviewers = tmp_path / "reviewers.json"
     reviewers.write_text(json.dumps({REVIEWER: KEY}))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("CXR_AUDIT_LOG", None), env.pop("CXR_FEEDBACK_DB", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "review.app", "--audit-log", str(audit_log.parent), "--feedback-db",
+        [sys.executable, "-m", "review.app", "--audit-log", str(audit_dir), "--feedback-db",
          str(tmp_path / "feedback.db"), "--reviewers-file", str(reviewers), "--review-audit-log",
-         str(tmp_path / "review.log"), "--port", str(port)], cwd=REPO_ROOT, env=env,
+         str(tmp_path / "review.log"), "--port", str(port), *(extra or [])], cwd=REPO_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -288,10 +288,17 @@ def served(answers, tmp_path):
                 pass
             assert time.monotonic() < deadline, "review app did not start in 30 s"
             time.sleep(0.2)
-        yield url, audit_log, tmp_path / "feedback.db", tmp_path / "review.log"
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture()
+def served(answers, tmp_path):
+    audit_log = write_log(answers, tmp_path / "logs" / "audit.jsonl", copies=3)
+    with review_server(audit_log.parent, tmp_path) as url:
+        yield url, audit_log, tmp_path / "feedback.db", tmp_path / "review.log"
 
 
 @pytest.fixture()
@@ -360,3 +367,59 @@ def test_a_reviewer_corrects_an_urgent_case_in_chromium(served, browser, answers
                                                          "ece_current": summary["ece"]["current"]}))
     actions = [(e.action, e.reviewer) for e in read_review_events(review_log)]
     assert actions[:2] == [("login", REVIEWER), ("view_worklist", REVIEWER)] and ("label", REVIEWER) in actions
+
+
+def test_a_reviewer_opens_a_case_served_through_the_stack_with_its_overlay(data_dir, browser, tmp_path, monkeypatch):
+    """The whole path: real requests (v1 and v2) through the KServe front and TorchServe serving the shipped
+    champion with the image cache on, the worklist in Chromium, an urgent case with its Grad-CAM overlay,
+    a correction into the feedback store."""
+    from selenium.webdriver.common.by import By
+
+    from serving.client import v1_request, v2_request
+    from serving.schemas import MODEL_NAME
+    from tests.test_serving import serving_stack
+
+    cache_dir = tmp_path / "image-cache"
+    monkeypatch.setenv("CXR_IMAGE_CACHE_DIR", str(cache_dir))  # the TorchServe worker inherits it
+    images = [path.read_bytes() for label in ("tuberculosis", "pneumonia", "normal")
+              for path in sorted((data_dir / "test" / label).glob("*.jpg"))[:2]]
+    with serving_stack(CHAMPION, tmp_path / "stack") as stack:
+        sent = []
+        for number, image in enumerate(images):
+            path, body = ((f"/v1/models/{MODEL_NAME}:predict", v1_request([image])) if number % 2 == 0
+                          else (f"/v2/models/{MODEL_NAME}/infer", v2_request([image])))
+            response = stack.front(path, json_body=body)
+            assert response.status_code == 200, response.text
+            sent.append(response.headers["x-request-id"])
+        audit_log = stack.audit_log
+    predictions = [line for line in read_audit_log_dicts(audit_log) if line["event"] == "prediction"]
+    assert sorted(line["request_id"] for line in predictions) == sorted(sent)
+    assert len(list(cache_dir.iterdir())) == len(images)  # every answered image, under a hashed name
+
+    audit_dir = tmp_path / "served-logs"
+    audit_dir.mkdir()
+    (audit_dir / "audit.jsonl").write_bytes(audit_log.read_bytes())
+    with review_server(audit_dir, tmp_path, ["--image-cache", str(cache_dir), "--bundle", str(CHAMPION)]) as url:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "reviewer-id").send_keys(REVIEWER)
+        browser.find_element(By.ID, "reviewer-key").send_keys(KEY)
+        browser.find_element(By.ID, "login-button").click()
+        rows = browser.find_elements(By.CSS_SELECTOR, "tr.case-row")
+        assert sorted(row.get_attribute("data-request-id") for row in rows) == sorted(sent)
+        first = rows[0]
+        assert "triage-row-urgent" in first.get_attribute("class")
+        request_id = first.get_attribute("data-request-id")
+        first.find_element(By.CSS_SELECTOR, "a.case-link").click()
+        assert browser.find_element(By.ID, "case-request-id").text == request_id
+        overlay = browser.find_element(By.CSS_SELECTOR, "img.overlay")
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) > 0
+        assert browser.find_element(By.ID, "lung-zones-0")
+        decided = browser.find_element(By.CSS_SELECTOR, "span.decision").text
+        correction = next(name for name in ("normal", "pneumonia", "tuberculosis") if name != decided)
+        browser.find_element(By.ID, f"label-{correction}").click()
+        assert browser.find_element(By.ID, "saved").text == "Label saved."
+    entry = FeedbackStore(tmp_path / "feedback.db").get(request_id)
+    assert entry is not None and (entry.label, entry.reviewer) == (correction, REVIEWER)
+    frame = load_features(audit_dir).frame
+    joined = join_labels(frame, FeedbackStore(tmp_path / "feedback.db").labels())
+    assert n_labelled(joined, ["normal", "pneumonia", "tuberculosis"]) == 1
