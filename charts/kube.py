@@ -13,10 +13,13 @@ from typing import Any
 
 def kube_api(api_class: str = "CoreV1Api") -> Any:
     """``kubernetes.client.<api_class>`` from the pod's ServiceAccount, else the local kubeconfig."""
+    import os
+
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # KUBECONFIG read now: the library reads it once, when it is first imported
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     return getattr(client, api_class)()

@@ -407,7 +407,13 @@ def test_audit_log_has_one_valid_line_per_request(stack, images):
     records = read_audit_log(stack.audit_log)  # validates every line
     by_id: dict[str, list[dict]] = {}
     for record in records:
-        by_id.setdefault(record["request_id"], []).append(record)
+        if record["event"] != "request":  # predictions and refusals; the front's own answers below
+            by_id.setdefault(record["request_id"], []).append(record)
+    # metadata, readiness and health (probes and clients sending no id get a fresh one): one line each
+    front_answers = [r for r in records if r["event"] == "request"]
+    assert front_answers and all(r["stage"] == "front" and r["route"] and r["status"] for r in front_answers)
+    assert not {r["request_id"] for r in front_answers} & set(by_id)
+    assert len({r["request_id"] for r in front_answers}) == len(front_answers)
     for request_id in stack.sent:
         assert request_id in by_id, request_id
     clients = {request_id for request_id in by_id if request_id.startswith(("triage-", "latency-"))}
