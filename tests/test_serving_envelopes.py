@@ -93,21 +93,31 @@ class _Metrics:
         pass
 
 
-def test_handler_answers_each_item_of_a_batch(tiny_bundle, tmp_path, data_dir, monkeypatch):
-    """The TorchServe contract without TorchServe: one answer per item, per-item status, audit lines."""
+def real_handler(tiny_bundle, tmp_path, batch: int):
+    """The project's TorchServe handler initialised as TorchServe does it (a real ``ts`` Context, model
+    version 5), on a copy of the tiny bundle; the audit log and cache come from the environment."""
     import shutil
 
-    from ts.context import Context, RequestProcessor
+    from ts.context import Context
 
-    from serving.audit import read_audit_log
     from serving.handler import CxrScreenHandler
 
     shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
-    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
     context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
-                      4, None, "0.12.0", metrics=_Metrics())
+                      batch, None, "0.12.0", metrics=_Metrics())
     handler = CxrScreenHandler()
     handler.initialize(context)
+    return handler, context
+
+
+def test_handler_answers_each_item_of_a_batch(tiny_bundle, tmp_path, data_dir, monkeypatch):
+    """The TorchServe contract without TorchServe: one answer per item, per-item status, audit lines."""
+    from ts.context import RequestProcessor
+
+    from serving.audit import read_audit_log
+
+    monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    handler, context = real_handler(tiny_bundle, tmp_path, batch=4)
     image = sorted((data_dir / "test" / "pneumonia").glob("*.jpg"))[0].read_bytes()
     encoded = base64.b64encode(image).decode()
     rows = [{"body": bytearray(image)}, {"body": bytearray(b"garbage")},
@@ -183,18 +193,10 @@ def test_handler_caches_answered_images_only_when_enabled(tiny_bundle, tmp_path,
 
 def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
     """A pathological image that breaks the model call fails its own request only, with a 500."""
-    import shutil
+    from ts.context import RequestProcessor
 
-    from ts.context import Context, RequestProcessor
-
-    from serving.handler import CxrScreenHandler
-
-    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
     monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
-    context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
-                      2, None, "0.12.0", metrics=_Metrics())
-    handler = CxrScreenHandler()
-    handler.initialize(context)
+    handler, context = real_handler(tiny_bundle, tmp_path, batch=2)
     good = sorted((data_dir / "test" / "normal").glob("*.jpg"))[0].read_bytes()
     poison = b"\x89PNG poison"
     original = handler.predictor.predict_many
@@ -218,20 +220,13 @@ def test_an_unexpected_failure_stays_with_its_own_request(tiny_bundle, tmp_path,
 def test_a_batch_that_fails_as_a_whole_gets_one_error_line_per_request(tiny_bundle, tmp_path, data_dir, monkeypatch):
     """A bug after the model ran (building the answers) fails every request of the batch with a 500, and
     the audit log then holds exactly one error line per request, no prediction line for an answer never sent."""
-    import shutil
-
-    from ts.context import Context, RequestProcessor
+    from ts.context import RequestProcessor
 
     import serving.handler as handler_module
     from serving.audit import read_audit_log
-    from serving.handler import CxrScreenHandler
 
-    shutil.copytree(tiny_bundle, tmp_path / "model" / "bundle")
     monkeypatch.setenv("CXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
-    context = Context("cxr-screen", str(tmp_path / "model"), {"model": {"modelName": "cxr-screen", "modelVersion": "5"}},
-                      3, None, "0.12.0", metrics=_Metrics())
-    handler = CxrScreenHandler()
-    handler.initialize(context)
+    handler, context = real_handler(tiny_bundle, tmp_path, batch=3)
     image = sorted((data_dir / "test" / "normal").glob("*.jpg"))[0].read_bytes()
 
     def broken(*args, **kwargs):
