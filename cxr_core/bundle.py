@@ -30,7 +30,7 @@ from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
 from cxr_core.gate import GATE_ARRAYS, Gate, GateConfig, GateVerdict
 from cxr_core.hog import HogConfig
-from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_logits, save_weights
+from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_logits, model_outputs, save_weights
 from cxr_core.policy import Decision, FittedPolicy
 from cxr_core.preprocess import PreprocessConfig, QualityFlags, prepare_image
 
@@ -111,12 +111,14 @@ class Prediction(BaseModel):
 
 @dataclass(frozen=True)
 class BatchScores:
-    """What a bundle says about a batch: (N, C) logits and probabilities, (N,) decided class indices."""
+    """What a bundle says about a batch: (N, C) logits and probabilities, (N,) decided class indices,
+    and the (N, D) features the classifier read (the gate scores them without a second pass)."""
 
     logits: np.ndarray
     probabilities_raw: np.ndarray
     probabilities: np.ndarray = field(repr=False)
     decisions: np.ndarray = field(repr=False)
+    features: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -157,26 +159,29 @@ class Predictor:
         ``logits -> softmax(T) -> decide`` by hand. The gate is not applied here (offline
         evaluation measures the model on every image; :meth:`predict_prepared` adds the gate).
         """
-        logits = self.logits_from_pixels(pixels)
+        logits, features = model_outputs(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog)
         raw, calibrated = self.probabilities(logits)
         return BatchScores(logits=logits, probabilities_raw=raw, probabilities=calibrated,
-                           decisions=self.manifest.policy.decide_indices(calibrated))
+                           decisions=self.manifest.policy.decide_indices(calibrated), features=features)
 
     def gate_verdicts(self, pixels: np.ndarray, flags: list[QualityFlags],
-                      colourfulness: list[float] | None = None) -> list[GateVerdict | None]:
+                      colourfulness: list[float] | None = None,
+                      features: np.ndarray | None = None) -> list[GateVerdict | None]:
         """The gate's verdict per prepared image (``None`` each without a gate): the one call serving,
-        the triage CLI and offline evaluation make, so all three refuse the same images."""
+        the triage CLI and offline evaluation make, so all three refuse the same images. ``features``
+        (:attr:`BatchScores.features` of the same pixels) saves the gate its own forward pass."""
         if self.gate is None:
             return [None] * len(flags)
         return self.gate.verdicts(self, pixels, [quality.aspect_ratio for quality in flags], colourfulness,
                                   [quality.lung_segmentation_failed for quality in flags],
-                                  [min(quality.original_width, quality.original_height) for quality in flags])
+                                  [min(quality.original_width, quality.original_height) for quality in flags],
+                                  features=features)
 
     def predict_prepared(self, pixels: np.ndarray, flags: list[QualityFlags],
                          colourfulness: list[float] | None = None) -> list[Prediction]:
         scores = self.score(pixels)
         raw, calibrated = scores.probabilities_raw, scores.probabilities
-        verdicts = self.gate_verdicts(pixels, flags, colourfulness)
+        verdicts = self.gate_verdicts(pixels, flags, colourfulness, features=scores.features)
         results = []
         for row_raw, row_cal, quality, verdict in zip(raw, calibrated, flags, verdicts):
             probabilities_raw = {c: float(p) for c, p in zip(self.classes, row_raw)}

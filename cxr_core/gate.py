@@ -35,7 +35,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
@@ -118,20 +117,10 @@ def thumbnails(pixels: np.ndarray) -> np.ndarray:
 
 def model_features(predictor, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The model's own features: HOG descriptors, or the pooled features the classifier reads."""
-    from cxr_core.hog import hog_features
-    from cxr_core.preprocess import pixels_to_tensor
+    from cxr_core.models import model_outputs
 
     manifest = predictor.manifest
-    if predictor.torch_model is None:
-        return hog_features(pixels, manifest.model.hog).astype(np.float64)
-    model = predictor.torch_model
-    model.eval()
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            batch = pixels_to_tensor(np.asarray(pixels[start:start + batch_size]), manifest.preprocess)
-            chunks.append(model.forward_head(model.forward_features(batch), pre_logits=True).float().flatten(1))
-    return torch.cat(chunks).numpy().astype(np.float64)
+    return model_outputs(predictor.model, pixels, manifest.preprocess, manifest.model.hog, batch_size)[1]
 
 
 @dataclass
@@ -180,22 +169,27 @@ class Gate:
     config: GateConfig
     scorers: dict[str, PpcaScore]
 
-    def scores(self, predictor, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return {"model_features": self.scorers["model_features"].score(model_features(predictor, pixels)),
+    def scores(self, predictor, pixels: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per space, the OOD score of each image; ``features`` are the model's (computed here when None)."""
+        if features is None:
+            features = model_features(predictor, pixels)
+        return {"model_features": self.scorers["model_features"].score(features),
                 "thumbnail": self.scorers["thumbnail"].score(thumbnails(pixels))}
 
-    def combined(self, predictor, pixels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        scores = self.scores(predictor, pixels)
+    def combined(self, predictor, pixels: np.ndarray, features: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        scores = self.scores(predictor, pixels, features)
         relative = np.stack([scores[space] / self.config.scales[space] for space in SPACES], axis=1)
         return relative.max(axis=1), scores
 
     def verdicts(self, predictor, pixels: np.ndarray, aspect_ratios: list[float],
                  colourfulness: list[float] | None = None,
-                 lung_failed: list[bool] | None = None, min_sides: list[int] | None = None) -> list[GateVerdict]:
+                 lung_failed: list[bool] | None = None, min_sides: list[int] | None = None,
+                 features: np.ndarray | None = None) -> list[GateVerdict]:
         """One verdict per prepared image; the first failing check names the reason."""
         pixels = np.asarray(pixels)
         std, noise = image_statistics(pixels)
-        combined, scores = self.combined(predictor, pixels)
+        combined, scores = self.combined(predictor, pixels, features)
         colourfulness = colourfulness or [0.0] * len(pixels)
         lung_failed = lung_failed or [False] * len(pixels)
         min_sides = min_sides or [None] * len(pixels)

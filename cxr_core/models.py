@@ -126,25 +126,41 @@ def load_weights(directory: Path, kind: ModelKind, name: str, num_classes: int, 
     return joblib.load(source)
 
 
-def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
-                 batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) uint8 prepared pixels -> (N, C) logits, for any family.
+def model_outputs(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) uint8 prepared pixels -> ((N, C) logits, (N, D) features), for any family, in ONE pass.
 
     The one place that turns prepared pixels into model outputs: training's validation and test
-    predictions and serving's predictions both come through here. HOG families answer
-    probabilities; their log is the logits (temperature scaling then works alike for both kinds).
+    predictions, serving's predictions and the gradability gate all come through here. The
+    features are what the classifier reads (a network's pooled pre-logits, a HOG family's
+    descriptors); the gate scores them, so serving runs the network once per image, not once for
+    the answer and again for the gate. HOG families answer probabilities; their log is the logits
+    (temperature scaling then works alike for both kinds).
     """
     pixels = np.asarray(pixels)
     if _kind_of_model(model) == "torch":
-        model.eval()
+        if model.training:  # eval() walks every module (~3 ms on a 2-core CPU): only when needed
+            model.eval()
+        classifier = model.get_classifier()
+        logits, features = [], []
         with torch.inference_mode():
-            chunks = [model(pixels_to_tensor(pixels[i : i + batch_size], preprocess)).float()
-                      for i in range(0, len(pixels), batch_size)]
-        return torch.cat(chunks).numpy()
+            for i in range(0, len(pixels), batch_size):
+                pooled = model.forward_head(model.forward_features(pixels_to_tensor(pixels[i : i + batch_size],
+                                                                                  preprocess)), pre_logits=True)
+                features.append(pooled.float().flatten(1))
+                logits.append(classifier(pooled).float())  # the head's dropout is the identity in eval()
+        return torch.cat(logits).numpy(), torch.cat(features).numpy().astype(np.float64)
     if hog is None:
         raise ValueError("a HOG classifier needs its HogConfig")
-    probs = model.predict_proba(hog_features(pixels, hog))
-    return np.log(np.clip(probs, 1e-7, 1.0))
+    descriptors = hog_features(pixels, hog)
+    probs = model.predict_proba(descriptors)
+    return np.log(np.clip(probs, 1e-7, 1.0)), descriptors.astype(np.float64)
+
+
+def model_logits(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
+                 batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) uint8 prepared pixels -> (N, C) logits (:func:`model_outputs` without the features)."""
+    return model_outputs(model, pixels, preprocess, hog, batch_size)[0]
 
 
 class Cnn3(nn.Module):

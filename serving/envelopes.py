@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from cxr_core.bundle import Prediction
 from cxr_core.decode import is_dicom
+from serving.oip import HEADER_LENGTH, OipError, parse_infer
 from serving.schemas import (
     MAX_IMAGES_PER_REQUEST,
     V2_LABEL_OUTPUT,
@@ -179,6 +180,17 @@ def parse_v2(payload: dict[str, Any]) -> ParsedRequest:
                          v2_id=request.id, extra={"input_name": tensor.name})
 
 
+def _parse_binary_v2(body: bytes, header_length: str, explain_route: bool) -> ParsedRequest:
+    try:
+        request = parse_infer(body, {HEADER_LENGTH: header_length})
+    except OipError as error:
+        raise RequestError(error.code, error.reason) from None
+    explain = _as_bool(request.parameters.get("explain", False), "explain") or explain_route
+    return ParsedRequest(protocol="v2", images=request.images, explain=explain,
+                         explain_method=_method(request.parameters.get("explain_method")), single=False,
+                         v2_id=request.request_id, extra={"input_name": "image"})
+
+
 def _json_payload(value: Any, content_type: str) -> Any | None:
     """The decoded JSON document of a request body, or None when the body is not JSON."""
     if isinstance(value, (dict, list, int, float)):  # TorchServe already decoded a JSON body
@@ -199,8 +211,14 @@ def _json_payload(value: Any, content_type: str) -> Any | None:
         raise RequestError("malformed_json", f"the request body is not valid JSON{where}") from None
 
 
-def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bool = False) -> ParsedRequest:
-    """One TorchServe request item -> :class:`ParsedRequest`; raises :class:`RequestError`."""
+def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bool = False,
+                  binary_header_length: str | None = None) -> ParsedRequest:
+    """One TorchServe request item -> :class:`ParsedRequest`; raises :class:`RequestError`.
+
+    ``binary_header_length`` (the ``Inference-Header-Content-Length`` header) marks a body in the v2
+    binary tensor extension, what the KServe front forwards: parsed by the front's own codec
+    (:func:`serving.oip.parse_infer`), the image bytes raw, no base64 anywhere.
+    """
     if not isinstance(row, dict) or not row:
         raise RequestError("empty", "the request has no body")
     value = row.get("body", row.get("data"))
@@ -208,6 +226,8 @@ def parse_request(row: dict[str, Any], content_type: str = "", explain_route: bo
         value = next(iter(row.values()))
     if isinstance(value, str):
         value = value.encode("utf-8")
+    if binary_header_length is not None and isinstance(value, (bytes, bytearray)):
+        return _parse_binary_v2(bytes(value), binary_header_length, explain_route)
     if isinstance(value, (bytes, bytearray)) and len(value) <= 64 and not bytes(value).strip():
         raise RequestError("empty", "the request body is empty")
     payload = _json_payload(value, content_type)

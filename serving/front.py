@@ -135,7 +135,6 @@ class FrontError(Exception):
 
 def _model_class():
     import kserve
-    from kserve.protocol.infer_type import InferRequest
 
     class CxrScreenFront(kserve.Model):
         """Forwards KServe v1/v2 requests to TorchServe; see the module docstring."""
@@ -234,9 +233,8 @@ def _model_class():
         # -- the verbs
         async def predict(self, payload, headers=None, response_headers=None):
             headers = headers or {}
-            if isinstance(payload, InferRequest):
-                path, body = f"/v2/models/{self.name}/infer", self._v2_body(payload)
-            elif isinstance(payload, (bytes, bytearray)):  # a raw image posted with an image/* content type
+            # v2 never reaches kserve's decoder: FrontGuard answers every /v2 route (serving.oip)
+            if isinstance(payload, (bytes, bytearray)):  # a raw image posted with an image/* content type
                 path, body = f"/predictions/{self.name}", bytes(payload)
             else:
                 path, body = f"/v1/models/{self.name}:predict", payload
@@ -249,18 +247,6 @@ def _model_class():
             return await self._forward(f"/v1/models/{self.name}:explain", payload, headers or {})
 
         # -- forwarding
-        @staticmethod
-        def _v2_body(request: InferRequest) -> dict[str, Any]:
-            import base64
-
-            for tensor in request.inputs:  # binary-extension inputs: turn raw bytes into base64 strings
-                if tensor.data is None and getattr(tensor, "_raw_data", None) is not None:
-                    items = tensor.as_numpy().reshape(-1)[: MAX_IMAGES_PER_REQUEST + 1]
-                    tensor._raw_data = None
-                    tensor.data = [base64.b64encode(bytes(item)).decode("ascii") for item in items]
-            body, _ = request.to_rest()
-            return body
-
         def _auth_headers(self) -> dict[str, str]:
             if self._keys is None:
                 self._keys = TorchServeKeys.read(self.settings.key_file)
@@ -277,12 +263,15 @@ def _model_class():
                                       headers={"Authorization": f"Bearer {self._keys.api}"}, timeout=10)
                 self._keys = TorchServeKeys.read(self.settings.key_file)
 
-        async def _forward(self, path: str, body: Any, headers: dict[str, str]) -> dict[str, Any]:
+        async def _forward(self, path: str, body: Any, headers: dict[str, str],
+                           body_headers: dict[str, str] | None = None) -> dict[str, Any]:
+            """POST to TorchServe; ``body_headers`` describe a bytes body (content type, binary header length)."""
             outgoing = {"x-request-id": headers.get("x-request-id", "")}
             if headers.get("x-caller-id"):
                 outgoing["x-caller-id"] = headers["x-caller-id"]
             if isinstance(body, bytes):
                 content, outgoing["content-type"] = body, "application/octet-stream"
+                outgoing.update(body_headers or {})
             else:
                 content, outgoing["content-type"] = json.dumps(body).encode(), "application/json"
             url = f"{self.settings.torchserve_url}{path}"
@@ -504,7 +493,8 @@ class FrontGuard:
         if context["caller"]:
             forward_headers["x-caller-id"] = context["caller"]
         try:
-            answer = await model._forward(f"/v2/models/{name}/infer", request.forward_body(), forward_headers)
+            body, body_headers = request.forward_binary()  # one translation: the image bytes travel raw
+            answer = await model._forward(f"/predictions/{name}", body, forward_headers, body_headers)
             if answer.get("model_version"):  # follow a rollout (serving.rollout) in metadata and refusals too
                 model.model_version = str(answer["model_version"])
             content, extra = encode_response(answer, request, name, model.model_version)

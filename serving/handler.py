@@ -174,7 +174,8 @@ class CxrScreenHandler(BaseHandler):
             meta.append({"request_id": self._request_id(context, index), "caller_id": self._caller_id(context, index),
                          "explain_route": explain_route})
             try:
-                requests.append(parse_request(row, headers.get("content-type", ""), explain_route))
+                requests.append(parse_request(row, headers.get("content-type", ""), explain_route,
+                                              headers.get("inference-header-content-length")))
             except RequestError as error:
                 requests.append(error)
 

@@ -63,13 +63,21 @@ class OipRequest:
     outputs: dict[str, bool] = field(default_factory=dict)  # requested name -> binary; empty = all, JSON
     binary_default: bool = False
 
-    def forward_body(self) -> dict[str, Any]:
-        """The JSON v2 body the TorchServe handler reads (images as base64 strings)."""
-        body: dict[str, Any] = {"inputs": [{"name": INPUT_NAME, "shape": [len(self.images)], "datatype": "BYTES",
-                                            "data": [base64.b64encode(image).decode("ascii") for image in self.images]}]}
+    def forward_binary(self) -> tuple[bytes, dict[str, str]]:
+        """The request as the binary tensor extension, for TorchServe (``/predictions/<model>``).
+
+        One protocol translation: the image bytes travel raw (uint32 length + bytes per element),
+        never base64 + JSON again; the handler parses the body with :func:`parse_infer`, this same
+        codec. Returns the body and the headers that describe it.
+        """
+        blob = b"".join(struct.pack("<I", len(image)) + image for image in self.images)
+        tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": [len(self.images)], "datatype": "BYTES",
+                                  "parameters": {"binary_data_size": len(blob)}}
+        header: dict[str, Any] = {"inputs": [tensor]}
         if self.parameters:
-            body["parameters"] = self.parameters
-        return body
+            header["parameters"] = self.parameters
+        head = json.dumps(header).encode()
+        return head + blob, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 
 
 def _depth_ok(text: bytes) -> bool:
