@@ -30,9 +30,10 @@ from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
 from cxr_core.gate import GATE_ARRAYS, Gate, GateConfig, GateVerdict
 from cxr_core.hog import HogConfig
-from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_logits, model_outputs, save_weights
+from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_outputs, save_weights
 from cxr_core.policy import Decision, FittedPolicy
 from cxr_core.preprocess import PreprocessConfig, QualityFlags, prepare_image
+from cxr_core.runtime import OnnxForward, Runtime, classifier_forward
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class BundleManifest(BaseModel):
     provenance: Provenance = Provenance()
     reference_profile: dict[str, Any] | None = Field(None, description="drift reference (monitoring)")
     gate: GateConfig | None = Field(None, description="gradability gate (cxr_core.gate); arrays in gate.npz")
+    runtime: Runtime = Field("torch", description=(
+        "what runs the network's forward pass when the bundle is loaded: PyTorch eager, or ONNX Runtime on a "
+        "graph exported from weights.pt at load (cxr_core.runtime; same decisions on the test split, "
+        "tests/test_runtime.py). Grad-CAM always uses PyTorch."))
 
 
 class Prediction(BaseModel):
@@ -129,6 +134,7 @@ class Predictor:
     model: Any = None
     path: Path | None = None
     gate: Gate | None = None
+    engine: OnnxForward | None = None  # the network in ONNX Runtime (manifest.runtime); None: PyTorch
 
     @property
     def classes(self) -> list[str]:
@@ -146,7 +152,8 @@ class Predictor:
 
     def logits_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W) uint8 prepared pixels -> (N, C) logits."""
-        return model_logits(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog)
+        return model_outputs(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog,
+                             engine=self.engine)[0]
 
     def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw and calibrated probabilities of a logits matrix."""
@@ -159,7 +166,8 @@ class Predictor:
         ``logits -> softmax(T) -> decide`` by hand. The gate is not applied here (offline
         evaluation measures the model on every image; :meth:`predict_prepared` adds the gate).
         """
-        logits, features = model_outputs(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog)
+        logits, features = model_outputs(self.model, pixels, self.manifest.preprocess, self.manifest.model.hog,
+                                         engine=self.engine)
         raw, calibrated = self.probabilities(logits)
         return BatchScores(logits=logits, probabilities_raw=raw, probabilities=calibrated,
                            decisions=self.manifest.policy.decide_indices(calibrated), features=features)
@@ -273,12 +281,18 @@ def read_manifest(path: Path | str) -> BundleManifest:
     return BundleManifest.model_validate(payload)
 
 
-def load_bundle(path: Path | str, gate: bool = True) -> Predictor:
-    """Load a bundle directory into a :class:`Predictor` (eval mode, CPU), with its gate if it has one."""
+def load_bundle(path: Path | str, gate: bool = True, runtime: Runtime | None = None) -> Predictor:
+    """Load a bundle directory into a :class:`Predictor` (eval mode, CPU), with its gate if it has one.
+
+    ``runtime`` overrides the manifest's (the benchmark and the parity test compare both).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     load_lung_segmenter(path, manifest.preprocess)
     fitted_gate = Gate.load(path, manifest.gate) if gate and manifest.gate and (path / GATE_ARRAYS).exists() else None
     spec = manifest.model
     model = load_weights(path, spec.kind, spec.name, len(manifest.classes), spec.kwargs)
-    return Predictor(manifest=manifest, model=model, path=path, gate=fitted_gate)
+    engine = None
+    if (runtime or manifest.runtime) == "onnxruntime" and isinstance(model, torch.nn.Module):
+        engine = classifier_forward(model, manifest.preprocess.image_size)
+    return Predictor(manifest=manifest, model=model, path=path, gate=fitted_gate, engine=engine)

@@ -193,6 +193,7 @@ class LungSegmenter:
     def __init__(self, model: LungUNet, size: int, sha256: str, source: Path | None = None,
                  rules: LungRules = LungRules(), metadata: dict[str, Any] | None = None):
         self.model = model.eval()
+        self.forward = _onnx_forward(self.model, size)  # None: PyTorch (onnxruntime not installed)
         self.size = size
         self.sha256 = sha256
         self.source = source
@@ -219,12 +220,26 @@ class LungSegmenter:
     def probability(self, gray: np.ndarray) -> np.ndarray:
         """uint8 HxW -> lung probability at size x size."""
         tensor = torch.from_numpy(standardize(gray, self.size))[None, None]
+        if self.forward is not None:
+            logits = torch.from_numpy(self.forward(tensor)[0])
+            return torch.sigmoid(logits)[0, 0].numpy()
         with self._lock, torch.inference_mode():
             return torch.sigmoid(self.model(tensor))[0, 0].numpy()
 
     def segment(self, gray: np.ndarray) -> LungFields:
         """uint8 HxW (the content region of a radiograph) -> :class:`LungFields`."""
         return fields_from_probability(self.probability(gray), gray.shape, self.rules)
+
+
+def _onnx_forward(model: LungUNet, size: int):
+    """The segmenter in ONNX Runtime wherever it is installed (half the time of PyTorch eager on a
+    2-core CPU, cxr_core.runtime): training's crops, serving and the drift job all take this path,
+    so the lung step stays identical everywhere."""
+    from cxr_core.runtime import OnnxForward, onnxruntime_available
+
+    if not onnxruntime_available():
+        return None
+    return OnnxForward.export(model, torch.zeros(1, 1, size, size), ["logits"])
 
 
 def fields_from_probability(probability: np.ndarray, input_shape: tuple[int, int],

@@ -127,28 +127,35 @@ def load_weights(directory: Path, kind: ModelKind, name: str, num_classes: int, 
 
 
 def model_outputs(model: Any, pixels: np.ndarray, preprocess: PreprocessConfig, hog: HogConfig | None = None,
-                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                  batch_size: int = 64, engine: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) uint8 prepared pixels -> ((N, C) logits, (N, D) features), for any family, in ONE pass.
 
     The one place that turns prepared pixels into model outputs: training's validation and test
     predictions, serving's predictions and the gradability gate all come through here. The
     features are what the classifier reads (a network's pooled pre-logits, a HOG family's
     descriptors); the gate scores them, so serving runs the network once per image, not once for
-    the answer and again for the gate. HOG families answer probabilities; their log is the logits
-    (temperature scaling then works alike for both kinds).
+    the answer and again for the gate. ``engine`` (a :class:`cxr_core.runtime.OnnxForward` of the
+    same network) runs the pass in ONNX Runtime instead of PyTorch. HOG families answer
+    probabilities; their log is the logits (temperature scaling then works alike for both kinds).
     """
+    from cxr_core.runtime import ForwardWithFeatures
+
     pixels = np.asarray(pixels)
     if _kind_of_model(model) == "torch":
+        if engine is not None:
+            outputs = [engine(pixels_to_tensor(pixels[i : i + batch_size], preprocess))
+                       for i in range(0, len(pixels), batch_size)]
+            return (np.concatenate([logits for logits, _ in outputs]).astype(np.float32),
+                    np.concatenate([features for _, features in outputs]).astype(np.float64))
         if model.training:  # eval() walks every module (~3 ms on a 2-core CPU): only when needed
             model.eval()
-        classifier = model.get_classifier()
+        both = ForwardWithFeatures(model)
         logits, features = [], []
         with torch.inference_mode():
             for i in range(0, len(pixels), batch_size):
-                pooled = model.forward_head(model.forward_features(pixels_to_tensor(pixels[i : i + batch_size],
-                                                                                  preprocess)), pre_logits=True)
-                features.append(pooled.float().flatten(1))
-                logits.append(classifier(pooled).float())  # the head's dropout is the identity in eval()
+                batch_logits, batch_features = both(pixels_to_tensor(pixels[i : i + batch_size], preprocess))
+                logits.append(batch_logits.float())
+                features.append(batch_features.float())
         return torch.cat(logits).numpy(), torch.cat(features).numpy().astype(np.float64)
     if hog is None:
         raise ValueError("a HOG classifier needs its HogConfig")

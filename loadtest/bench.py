@@ -1,26 +1,26 @@
-"""``make bench``: where the time goes between the raw model and a served answer, and TorchServe tuning.
+"""``make bench``: the model alone every way this machine runs it, against the served answer.
 
     python -m loadtest.bench [--bundle DIR] [--config configs/bench.yaml] [--out reports/bench]
 
-In one run on this machine (settings in ``configs/bench.yaml``):
+In one run on this machine (settings in ``configs/bench.yaml``), while :class:`loadtest.measure.LoadMonitor`
+records the load average before, during and after and what other processes used:
 
-1. preprocessing: bytes -> tensor images/s on one thread;
-2. tuning: coordinate descent over TorchServe's workers, torch threads per worker, batchSize,
-   maxBatchDelay and netty threads, one knob at a time from ``configs/serving.yaml``'s defaults.
-   The incumbent's stack stays up while each candidate's starts, and the two are measured in
-   alternating windows (A B B A ...), so a change in the machine's background load hits both;
-   a candidate wins when its median images/s beats the incumbent's by ``min_gain``;
-3. before / after: the model alone (forward images/s in this process at batch 1, 8, 32 with 1 and
-   all-core torch threads, :func:`loadtest.measure.raw_forward`), then a stack with the defaults
-   ("before") and one with the tuned knobs ("after"), both up, loaded in alternation by
-   closed-loop callers at increasing concurrency through TorchServe's native route and the KServe
-   front's v2 route (images/s, p50/p95/p99; every answer checked), then the model alone again.
+1. the model alone (:mod:`loadtest.raw`, fresh processes per point): the forward pass per runtime
+   (PyTorch eager, channels_last, TorchScript frozen, ONNX Runtime as served and spinning), per
+   layout (1 x 1, 1 x N threads, N processes x 1) and batch size; then the in-process pipeline,
+   bytes -> Prediction (decode, lung segmenter, crop, forward, gate, policy) per layout;
+2. tuning: coordinate descent over TorchServe's workers, threads per worker, batchSize,
+   maxBatchDelay and netty threads from ``configs/serving.yaml``'s defaults; incumbent and
+   candidate stacks are up together and measured in alternating windows (A B B A ...);
+3. before / after: a stack with the defaults and one with the tuned knobs, loaded in alternation
+   by closed-loop callers at increasing concurrency on TorchServe's native route and the KServe
+   front's v2 route, binary tensor extension and JSON (images/s, p50/p95/p99; every answer checked);
+   then the best raw point again, to see whether the machine drifted.
 
-The ratio is end-to-end images/s at the best concurrency / the raw *batched* images/s of the same
-model (best over batch sizes > 1 and thread counts; per point the median of the raw passes taken
-before, between and after the routes' sweeps, so a drift in the background load reaches both sides).
-``reports/bench/bench.json`` holds everything, with top-level ``best_ratio`` and ``p95_ms_single``
-(the front's v2 route at concurrency 1) of the tuned settings; ``bench.md`` is generated from it
+Ratios are end-to-end images/s over the BEST raw point of the whole matrix (nobody chooses the
+denominator), and over the in-process pipeline's best (what is left to serving). ``bench.json``
+holds everything with ``quiet``, ``raw_best_images_per_s``, ``served_best_images_per_s``,
+``best_ratio``, ``p95_ms_single`` and ``targets`` on top; ``bench.md`` is generated from it
 (:mod:`loadtest.bench_report`). Every stack is private: free ports, its own API key and audit log.
 """
 
@@ -50,7 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from cxr_core.bundle import Predictor, load_bundle
 from cxr_core.preprocess import prepare_image
 from loadtest.bench_report import bench_markdown
-from loadtest.measure import closed_loop, preprocess_rate, raw_forward
+from loadtest.measure import LoadMonitor, closed_loop, preprocess_rate
+from loadtest.raw import pipeline_matrix, raw_forward_matrix
 from loadtest.served import served_model
 from loadtest.workload import DEFAULT_DATA_DIR, PreparedImage, Route, Targets, prepare_images, radiographs
 from serving.config import ServingConfig
@@ -60,8 +61,8 @@ log = logging.getLogger("loadtest.bench")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BENCH_CONFIG = REPO_ROOT / "configs" / "bench.yaml"
-BenchRoute = Literal["torchserve", "front_v1", "front_v2"]
-ROUTE_OF: dict[str, Route] = {"torchserve": "native", "front_v1": "v1", "front_v2": "v2"}
+BenchRoute = Literal["torchserve", "front_v1", "front_v2", "front_v2_binary"]
+ROUTE_OF: dict[str, Route] = {"torchserve": "native", "front_v1": "v1", "front_v2": "v2", "front_v2_binary": "v2_binary"}
 Knob = Literal["workers", "torch_threads", "batch_size", "max_batch_delay_ms", "netty_threads"]
 STACK_ERRORS = (RuntimeError, TimeoutError, OSError)  # a setting TorchServe or the front cannot start with
 
@@ -71,15 +72,16 @@ STACK_ERRORS = (RuntimeError, TimeoutError, OSError)  # a setting TorchServe or 
 class RawConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_sizes: list[int] = [1, 8, 32]
-    thread_counts: list[int] | None = None
-    seconds: float = Field(4.0, gt=0)
+    batch_sizes: list[int] = [1, 8]
+    runtimes: list[str] | None = None  # None: every runtime of loadtest.raw.TORCH_RUNTIMES
+    seconds: float = Field(3.0, gt=0)
+    pipeline_seconds: float = Field(5.0, gt=0)
 
 
 class EndToEndConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    routes: list[BenchRoute] = ["torchserve", "front_v2"]
+    routes: list[BenchRoute] = ["torchserve", "front_v2_binary", "front_v2"]
     concurrency: list[int] = [1, 2, 4, 8, 16]
     seconds: float = Field(10.0, gt=0)
     min_requests: int = Field(50, ge=0)
@@ -172,17 +174,15 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def combine_raw(passes: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per (threads, batch): the median images/s of the raw passes taken around and between the sweeps."""
-    return [{"threads": rows[0]["threads"], "batch_size": rows[0]["batch_size"],
-             "images_per_s": round(statistics.median(row["images_per_s"] for row in rows), 2),
-             "passes": [row["images_per_s"] for row in rows]} for rows in zip(*passes)]
+def raw_best(raw_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best raw point of the whole matrix (every runtime, layout and batch): the ratios' denominator."""
+    return max(raw_rows, key=lambda row: row["images_per_s"])
 
 
-def raw_best(raw_rows: list[dict[str, Any]], batched: bool) -> dict[str, Any]:
-    """The best raw point: over batch sizes > 1 (``batched``, the ratio's denominator) or over all."""
-    rows = [row for row in raw_rows if row["batch_size"] > 1] if batched else raw_rows
-    return max(rows or raw_rows, key=lambda row: row["images_per_s"])
+def raw_single_forward(raw_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest one-image forward of one process (any runtime and thread count): the latency floor."""
+    singles = [row for row in raw_rows if row["processes"] == 1 and row["batch_size"] == 1] or raw_rows
+    return max(singles, key=lambda row: row["images_per_s"])
 
 
 def best_level(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -219,17 +219,6 @@ class Bench:
     packages: PackageCache
     scratch: Path
     runs: int = 0
-
-    def thread_counts(self) -> list[int]:
-        return self.config.raw.thread_counts or sorted({1, os.cpu_count() or 1})
-
-    def raw(self) -> list[dict[str, Any]]:
-        rows = raw_forward(self.predictor, self.pixels, self.config.raw.batch_sizes, self.thread_counts(),
-                           self.config.raw.seconds)
-        for row in rows:
-            log.info("raw forward  threads=%d batch=%-3d %8.2f images/s", row["threads"], row["batch_size"],
-                     row["images_per_s"])
-        return rows
 
     def start(self, knobs: ServingKnobs, stacks: ExitStack) -> Targets:
         """A private TorchServe + front with ``knobs``, stopped when ``stacks`` closes."""
@@ -328,16 +317,12 @@ class Bench:
     # -- before / after ----------------------------------------------------------------------------
 
     def compare(self, before: ServingKnobs, after: ServingKnobs) -> dict[str, Any]:
-        """Both stacks loaded in alternation level by level; the raw model before, between and after routes."""
+        """Both stacks up at once and loaded in alternation, level by level, on every route."""
         e2e = self.config.end_to_end
-        load_start = load_average()
-        raw_passes = [self.raw()]
         results: dict[str, dict[str, list[dict[str, Any]]]] = {"before": {}, "after": {}}
         with ExitStack() as stacks:
             targets = {"before": self.start(before, stacks), "after": self.start(after, stacks)}
-            for number, route in enumerate(e2e.routes):
-                if number:
-                    raw_passes.append(self.raw())
+            for route in e2e.routes:
                 for phase in results:
                     results[phase][route] = []
                 for index, concurrency in enumerate(e2e.concurrency):
@@ -346,27 +331,40 @@ class Bench:
                         measured = self.level(targets[phase], route, concurrency, e2e.seconds,
                                               min_requests=e2e.min_requests if concurrency == 1 else 0)
                         results[phase][route].append(measured)
-                        log.info("%-6s %-10s c=%-3d %7.2f images/s  p50 %7.1f  p95 %7.1f  p99 %7.1f ms  failures %d",
+                        log.info("%-6s %-15s c=%-3d %7.2f images/s  p50 %7.1f  p95 %7.1f  p99 %7.1f ms  failures %d",
                                  phase, route, concurrency, measured["images_per_s"], measured["p50_ms"] or -1,
                                  measured["p95_ms"] or -1, measured["p99_ms"] or -1, measured["failures"])
-        raw_passes.append(self.raw())
-        raw_rows = combine_raw(raw_passes)
-        batched, best_any = raw_best(raw_rows, batched=True), raw_best(raw_rows, batched=False)
         phases = {}
         for phase, knobs in (("before", before), ("after", after)):
             best = {route: best_level(levels) for route, levels in results[phase].items()}
-            single = next((level for level in results[phase].get("front_v2", []) if level["concurrency"] == 1), None)
-            phases[phase] = {
-                "knobs": asdict(knobs), "end_to_end": results[phase], "best": best,
-                "ratio": {route: round(level["images_per_s"] / batched["images_per_s"], 3) if level else None
-                          for route, level in best.items()},
-                "ratio_vs_raw_best_any_batch": {
-                    route: round(level["images_per_s"] / best_any["images_per_s"], 3) if level else None
-                    for route, level in best.items()},
-                "p95_ms_single": single["p95_ms"] if single else None,
-            }
-        return {"raw": raw_rows, "raw_batched_best": batched, "raw_best_any_batch": best_any,
-                "load_average_1m": [load_start, load_average()], **phases}
+            single = {route: next((level for level in levels if level["concurrency"] == 1), None)
+                      for route, levels in results[phase].items()}
+            phases[phase] = {"knobs": asdict(knobs), "end_to_end": results[phase], "best": best,
+                             "single": single}
+        return phases
+
+
+def hop_costs(pipeline_single_ms: float, single: dict[str, dict[str, Any] | None]) -> dict[str, float | None]:
+    """What each hop adds to one request's median latency (concurrency 1), in ms."""
+    def p50(route: str) -> float | None:
+        level = single.get(route)
+        return level["p50_ms"] if level else None
+
+    native, binary, json_v2 = p50("torchserve"), p50("front_v2_binary"), p50("front_v2")
+    return {
+        "model_in_process_ms": round(pipeline_single_ms, 1),
+        "torchserve_http_jvm_worker_ms": round(native - pipeline_single_ms, 1) if native is not None else None,
+        "front_v2_binary_parse_and_forward_ms": round(binary - native, 1) if None not in (binary, native) else None,
+        "v2_json_base64_over_binary_ms": round(json_v2 - binary, 1) if None not in (json_v2, binary) else None,
+    }
+
+
+def served_figures(phase: dict[str, Any], raw_top: dict[str, Any], pipeline_top: dict[str, Any]) -> dict[str, Any]:
+    """Per route: the best images/s and its ratios to the best raw forward and the in-process pipeline."""
+    return {route: {"images_per_s": level["images_per_s"], "concurrency": level["concurrency"],
+                    "ratio_vs_raw_best": round(level["images_per_s"] / raw_top["images_per_s"], 3),
+                    "ratio_vs_pipeline_best": round(level["images_per_s"] / pipeline_top["images_per_s"], 3)}
+            for route, level in phase["best"].items() if level}
 
 
 def prepared_pixels(images: list[PreparedImage], predictor: Predictor) -> np.ndarray:
@@ -378,29 +376,73 @@ def run_bench(bundle: Path, config: BenchConfig, data_dir: Path, serving: Servin
     started = time.monotonic()
     predictor = load_bundle(bundle)
     images = prepare_images(radiographs(data_dir, config.images))
-    bench = Bench(config, predictor, prepared_pixels(images, predictor), images,
-                  PackageCache(bundle, scratch / "packages", serving), scratch)
+    pixels = prepared_pixels(images, predictor)
+    cpus = os.cpu_count() or 1
+    bench = Bench(config, predictor, pixels, images, PackageCache(bundle, scratch / "packages", serving), scratch)
     report: dict[str, Any] = {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "what": "raw forward (in process) vs end to end (TorchServe native, KServe front v2), one machine, one run",
-        "bundle": describe_bundle(bundle, predictor), "machine": machine(),
+        "what": "the model alone every way it runs (raw forward matrix, in-process pipeline) vs served end to end "
+                "(TorchServe native, KServe front v2 binary and JSON), one machine, one run",
+        "bundle": {**describe_bundle(bundle, predictor), "runtime": predictor.manifest.runtime},
+        "machine": machine(),
         "images": {"count": len(images), "from": str(data_dir / "test"), "names": [image.name for image in images]},
         "config": config.model_dump(),
     }
-    log.info("bundle %s (%s); %d images", report["bundle"]["path"], report["bundle"]["family"], len(images))
-    report["preprocess"] = preprocess_rate(images, predictor, config.preprocess_seconds)
-    log.info("preprocess  %.2f images/s on one thread", report["preprocess"]["images_per_s"])
-    defaults = tuned = ServingKnobs.defaults(serving)
-    if tune and config.tuning.enabled:
-        report["tuning"] = bench.tune(defaults)
-        tuned = ServingKnobs(**report["tuning"]["best_knobs"])
-    report.update(bench.compare(defaults, tuned))
-    report["best_ratio"] = report["after"]["ratio"].get("front_v2")
-    report["p95_ms_single"] = report["after"]["p95_ms_single"]
-    report["best_ratio_before"] = report["before"]["ratio"].get("front_v2")
-    report["p95_ms_single_before"] = report["before"]["p95_ms_single"]
+    log.info("bundle %s (%s, runtime %s); %d images", report["bundle"]["path"], report["bundle"]["family"],
+             predictor.manifest.runtime, len(images))
+    with LoadMonitor() as monitor:
+        report["preprocess"] = preprocess_rate(images, predictor, config.preprocess_seconds)
+        log.info("preprocess  %.2f images/s on one thread", report["preprocess"]["images_per_s"])
+        report["raw"] = raw_forward_matrix(bundle, pixels, config.raw.batch_sizes, cpus, config.raw.seconds,
+                                           config.raw.runtimes)
+        report["pipeline"] = pipeline_matrix(bundle, [image.raw for image in images], cpus,
+                                             config.raw.pipeline_seconds)
+        defaults = tuned = ServingKnobs.defaults(serving)
+        if tune and config.tuning.enabled:
+            report["tuning"] = bench.tune(defaults)
+            tuned = ServingKnobs(**report["tuning"]["best_knobs"])
+        report.update(bench.compare(defaults, tuned))
+        top = raw_best(report["raw"])  # re-measured after the sweeps: did the machine drift?
+        report["raw_best_after_sweeps"] = raw_forward_matrix(bundle, pixels, [top["batch_size"]], cpus,
+                                                             config.raw.seconds, [top["runtime"]],
+                                                             only=(top["processes"], top["threads"]))[0]
+    report["load"] = monitor.summary()
+    report.update(headline(report))
     report["wall_s"] = round(time.monotonic() - started, 1)
     return report
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue names, each against its target, from this run only."""
+    top, single_raw = raw_best(report["raw"]), raw_single_forward(report["raw"])
+    pipeline_top = max(report["pipeline"], key=lambda row: row["images_per_s"])
+    pipeline_single = next(row for row in report["pipeline"] if row["processes"] == 1 and row["threads"] == 1)
+    after = report["after"]
+    served = served_figures(after, top, pipeline_top)
+    v2 = served.get("front_v2")
+    single = after["single"].get("front_v2")
+    p95 = single["p95_ms"] if single else None
+    raw_single_ms = round(1000.0 / single_raw["images_per_s"] * single_raw["batch_size"], 2)
+    targets = {
+        "served_v2_vs_raw_best": {"target": ">= 0.85", "measured": v2["ratio_vs_raw_best"] if v2 else None},
+        "served_v2_images_per_s": {"target": ">= 45", "measured": v2["images_per_s"] if v2 else None},
+        "p95_ms_single_v2": {"target": f"<= raw single forward {raw_single_ms} ms + 10", "measured": p95},
+    }
+    targets["served_v2_vs_raw_best"]["met"] = bool(v2) and v2["ratio_vs_raw_best"] >= 0.85
+    targets["served_v2_images_per_s"]["met"] = bool(v2) and v2["images_per_s"] >= 45
+    targets["p95_ms_single_v2"]["met"] = p95 is not None and p95 <= raw_single_ms + 10
+    return {
+        "quiet": report["load"]["quiet"],
+        "raw_best": top, "raw_best_images_per_s": top["images_per_s"],
+        "raw_single_forward": single_raw, "raw_single_forward_ms": raw_single_ms,
+        "pipeline_best": pipeline_top,
+        "served": served, "served_before_tuning": served_figures(report["before"], top, pipeline_top),
+        "served_best_images_per_s": v2["images_per_s"] if v2 else None,
+        "best_ratio": v2["ratio_vs_raw_best"] if v2 else None,
+        "p95_ms_single": p95,
+        "hop_costs_ms": hop_costs(pipeline_single["ms_per_image_per_process"], after["single"]),
+        "targets": targets,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,46 +6,75 @@ from typing import Any
 
 from cxr_core.reporting import markdown_table
 
-ROUTE_NAMES = {"torchserve": "TorchServe native", "front_v1": "KServe front v1", "front_v2": "KServe front v2"}
+ROUTE_NAMES = {"torchserve": "TorchServe native", "front_v1": "KServe front v1", "front_v2": "KServe front v2 (JSON)",
+               "front_v2_binary": "KServe front v2 (binary tensor extension)"}
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _knobs(knobs: dict[str, Any]) -> str:
-    return (f"workers {knobs['workers']}, batchSize {knobs['batch_size']}, maxBatchDelay {knobs['max_batch_delay_ms']} ms, "
-            f"torch threads/worker {knobs['torch_threads']}, netty threads {knobs['netty_threads']}")
-
-
-def summary_table(report: dict[str, Any]) -> list[str]:
-    raw, best_any = report["raw_batched_best"], report["raw_best_any_batch"]
-    rows = []
-    for phase in ("before", "after"):
-        data = report[phase]
-        for route, best in data["best"].items():
-            shown = f"{best['images_per_s']:.2f} (c={best['concurrency']})" if best else "-"
-            latency = f"{_ms(best['p50_ms'])} / {_ms(best['p95_ms'])} / {_ms(best['p99_ms'])}" if best else "-"
-            rows.append([phase, _knobs(data["knobs"]), ROUTE_NAMES.get(route, route), shown, latency,
-                         _ratio(data["ratio"][route]), _ratio(data["ratio_vs_raw_best_any_batch"][route]),
-                         _ms(data["p95_ms_single"]) if route == "front_v2" else ""])
-    return markdown_table(
-        ["phase", "serving settings", "route", "best images/s (concurrency)", "p50 / p95 / p99 ms there",
-         f"ratio vs raw batched ({raw['images_per_s']:.2f}/s)",
-         f"ratio vs raw best, any batch ({best_any['images_per_s']:.2f}/s)", "p95 ms single (v2, c=1)"],
-        rows, align="lllrrrrr")
-
-
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def raw_table(report: dict[str, Any]) -> list[str]:
+def _knobs(knobs: dict[str, Any]) -> str:
+    return (f"workers {knobs['workers']}, batchSize {knobs['batch_size']}, maxBatchDelay {knobs['max_batch_delay_ms']} ms, "
+            f"threads/worker {knobs['torch_threads']}, netty threads {knobs['netty_threads']}")
+
+
+def targets_table(report: dict[str, Any]) -> list[str]:
+    names = {"served_v2_vs_raw_best": "served v2 images/s / best raw forward", "served_v2_images_per_s":
+             "served v2 images/s", "p95_ms_single_v2": "p95 ms, one request at a time (v2 JSON)"}
+    rows = [[names[key], target["target"], "-" if target["measured"] is None else target["measured"],
+             "met" if target["met"] else "**not met**"] for key, target in report["targets"].items()]
+    return markdown_table(["what", "target", "measured", ""], rows, align="llrl")
+
+
+def summary_table(report: dict[str, Any]) -> list[str]:
+    rows = []
+    for phase, served_key in (("before", "served_before_tuning"), ("after", "served")):
+        data = report[phase]
+        for route, best in data["best"].items():
+            figures = report[served_key].get(route)
+            shown = f"{best['images_per_s']:.2f} (c={best['concurrency']})" if best else "-"
+            latency = f"{_ms(best['p50_ms'])} / {_ms(best['p95_ms'])} / {_ms(best['p99_ms'])}" if best else "-"
+            single = data["single"].get(route)
+            rows.append([phase, _knobs(data["knobs"]), ROUTE_NAMES.get(route, route), shown, latency,
+                         _ratio(figures["ratio_vs_raw_best"] if figures else None),
+                         _ratio(figures["ratio_vs_pipeline_best"] if figures else None),
+                         _ms(single["p95_ms"]) if single else "-"])
     return markdown_table(
-        ["torch threads", "batch", "images/s (median of passes)", "passes (before, between, after the sweeps)"],
-        [[row["threads"], row["batch_size"], f"{row['images_per_s']:.2f}",
-          ", ".join(f"{value:.2f}" for value in row["passes"])] for row in report["raw"]],
-        align="rrrl")
+        ["phase", "serving settings", "route", "best images/s (concurrency)", "p50 / p95 / p99 ms there",
+         f"ratio vs best raw forward ({report['raw_best_images_per_s']:.2f}/s)",
+         f"ratio vs best in-process pipeline ({report['pipeline_best']['images_per_s']:.2f}/s)",
+         "p95 ms at c=1"], rows, align="lllrrrrr")
+
+
+def raw_table(report: dict[str, Any]) -> list[str]:
+    best = report["raw_best"]
+    rows = [[row["runtime"], f"{row['processes']} x {row['threads']}", row["batch_size"], f"{row['images_per_s']:.2f}",
+             "" if row["ms_per_image_per_process"] is None else f"{row['ms_per_image_per_process']:.1f}",
+             "**best**" if row == best else ""] for row in report["raw"]]
+    return markdown_table(["runtime", "processes x threads", "batch", "images/s (all processes)",
+                           "ms per image in one process", ""], rows, align="lrrrrl")
+
+
+def pipeline_table(report: dict[str, Any]) -> list[str]:
+    rows = [[f"{row['processes']} x {row['threads']}", f"{row['images_per_s']:.2f}",
+             f"{row['ms_per_image_per_process']:.1f}"] for row in report["pipeline"]]
+    return markdown_table(["processes x threads", "images/s (all processes)", "ms per image in one process"], rows,
+                          align="rrr")
+
+
+def hops_table(report: dict[str, Any]) -> list[str]:
+    names = {"model_in_process_ms": "the model's work in process (decode, lungs, forward, gate, policy; 1 thread)",
+             "torchserve_http_jvm_worker_ms": "+ TorchServe: HTTP, its JVM front end, the worker's socket",
+             "front_v2_binary_parse_and_forward_ms": "+ KServe front: v2 binary parse, API key, forward, re-encode",
+             "v2_json_base64_over_binary_ms": "+ v2 as JSON with base64 instead of the binary extension"}
+    return markdown_table(["hop (median latency at concurrency 1)", "ms"],
+                          [[names[key], "-" if value is None else f"{value:.1f}"]
+                           for key, value in report["hop_costs_ms"].items()], align="lr")
 
 
 def end_to_end_table(report: dict[str, Any]) -> list[str]:
@@ -81,57 +110,67 @@ def tuning_table(tuning: dict[str, Any]) -> list[str]:
          "incumbent images/s", "gain", "candidate p95 ms", "kept"], rows, align="rlrrrrrrrrrl")
 
 
-def reading(report: dict[str, Any]) -> list[str]:
-    """What the ratio's denominator means on this machine, in numbers from this run."""
-    batched, best_any = report["raw_batched_best"], report["raw_best_any_batch"]
-    if best_any["batch_size"] == batched["batch_size"] and best_any["threads"] == batched["threads"]:
-        return []
-    return [f"On this machine the model alone is fastest at batch {best_any['batch_size']} with {best_any['threads']} "
-            f"torch thread(s) ({best_any['images_per_s']:.2f} images/s), faster than its best batched point "
-            f"(batch {batched['batch_size']}, {batched['threads']} thread(s), {batched['images_per_s']:.2f} images/s): "
-            "batching buys nothing on this CPU, so a ratio above 1 against the batched denominator means serving "
-            "runs the model unbatched; the column against the best raw point of any batch size is the share of the "
-            "model's capacity that reaches callers.", ""]
+def quiet_line(load: dict[str, Any]) -> str:
+    facts = (f"load average {load['load_1m_before']} before, at most {load['load_1m_during_max']} during (the "
+             f"benchmark's own threads count there), {load['load_1m_after']} after; other processes used at most "
+             f"{load['background_cores_max']} cores (mean {load['background_cores_mean']})")
+    if load["quiet"]:
+        return f"Measured on a quiet machine: {facts}."
+    return (f"**NOT A QUIET RUN: {facts} (quiet: load before <= {load['load_limit_before']}, others <= "
+            f"{load['background_limit_cores']} cores). Do not quote these numbers as the machine's.**")
 
 
 def bench_markdown(report: dict[str, Any]) -> str:
     bundle, machine, pre = report["bundle"], report["machine"], report["preprocess"]
+    best, single = report["raw_best"], report["raw_single_forward"]
+    after_raw = report["raw_best_after_sweeps"]
     lines = [
-        "# Benchmark: raw model vs served end to end",
+        quiet_line(report["load"]),
+        "",
+        "# Benchmark: the model alone, every way it runs, vs served end to end",
         "",
         f"Generated by `make bench` (`python -m loadtest.bench`) at {report['measured_at']} in {report['wall_s']:.0f} s; "
         "do not edit by hand.",
         "",
         f"- Bundle: `{bundle['path']}` ({bundle['family']}, {bundle['training_mode']}, {bundle['image_size']} px, "
-        f"{bundle['parameters'] or 'n/a'} parameters).",
-        f"- Machine: {machine['cpus']} CPUs, {machine['accelerator']}; {machine['platform']}, torch {machine['torch']}. "
-        "The CPUs are shared with other jobs: compare numbers within this report only.",
+        f"{bundle['parameters'] or 'n/a'} parameters), served with runtime `{bundle['runtime']}`.",
+        f"- Machine: {machine['cpus']} CPUs, {machine['accelerator']}; {machine['platform']}, torch {machine['torch']}.",
         f"- Load: one image per request (real test radiographs, {report['images']['count']} cycled), closed-loop callers, "
         "every answer checked (status, schema, decision); throughput counts good answers only.",
         "",
-        f"**best_ratio = {report['best_ratio']}** (KServe front v2, tuned; end-to-end images/s at the best concurrency / "
-        f"raw batched images/s of the same model); **p95_ms_single = {_ms(report['p95_ms_single'])} ms** "
-        "(front v2, concurrency 1). Before tuning: "
-        f"{report.get('best_ratio_before')} and {_ms(report.get('p95_ms_single_before'))} ms.",
+        f"**best_ratio = {report['best_ratio']}**: served v2 (KServe front, JSON, tuned) "
+        f"{report['served_best_images_per_s']} images/s over the best raw forward of the whole matrix, "
+        f"{best['images_per_s']:.2f} images/s ({best['runtime']}, {best['processes']} x {best['threads']}, batch "
+        f"{best['batch_size']}; {after_raw['images_per_s']:.2f} when measured again after the sweeps). "
+        f"**p95_ms_single = {_ms(report['p95_ms_single'])} ms** (v2 JSON, concurrency 1); the fastest single forward "
+        f"is {report['raw_single_forward_ms']} ms ({single['runtime']}, {single['threads']} thread(s)).",
         "",
-        "## Summary: before and after tuning",
+        *targets_table(report),
+        "",
+        "## Summary: served, before and after tuning",
         "",
         *summary_table(report),
         "",
-        *reading(report),
-        "## Raw model forward (in process, prebuilt batch tensor)",
+        "## What each hop costs",
+        "",
+        *hops_table(report),
+        "",
+        "## The model alone: forward pass (prebuilt batch tensor, fresh processes per point)",
         "",
         *raw_table(report),
         "",
-        f"Preprocessing (bytes -> tensor: decode, border crop, resize to {pre['image_size']} px, quality flags, "
-        f"normalise) on one thread: **{pre['images_per_s']:.1f} images/s** ({pre['ms_per_image']:.1f} ms per image, "
-        f"mean JPEG {pre['mean_jpeg_kb']} KB).",
+        "## The model alone: bytes -> Prediction in process (the bundle's runtime)",
+        "",
+        *pipeline_table(report),
+        "",
+        f"Preprocessing alone (decode, border crop, lung segmenter and crop, resize to {pre['image_size']} px, quality "
+        f"flags, normalise) on one thread: **{pre['images_per_s']:.1f} images/s** ({pre['ms_per_image']:.1f} ms per "
+        f"image, mean JPEG {pre['mean_jpeg_kb']} KB).",
         "",
     ]
     lines += ["## End to end, before and after tuning", "",
               f"Before: {_knobs(report['before']['knobs'])}. After: {_knobs(report['after']['knobs'])}. Both stacks "
-              "were up at once and loaded in alternation, level by level, so both saw the same background load "
-              f"(load average {report['load_average_1m'][0]} -> {report['load_average_1m'][1]}).", "",
+              "were up at once and loaded in alternation, level by level, so both saw the same background load.", "",
               *end_to_end_table(report), ""]
     tuning = report.get("tuning")
     if tuning:

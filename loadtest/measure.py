@@ -4,6 +4,8 @@
   batch size and torch thread count: what the model alone can do on this machine.
 - :func:`preprocess_rate`: image bytes -> model tensor (decode, crop, resize, normalise), the
   shared core's :func:`cxr_core.preprocess.prepare_image` + :func:`pixels_to_tensor`.
+- :class:`LoadMonitor`: the machine's 1-minute load average before, during (sampled) and after a
+  run, and whether it stayed quiet (at most 0.5 per core at every sample).
 - :func:`closed_loop`: ``concurrency`` callers, each sending its next request as soon as the last
   one is answered, for a fixed time; every answer is checked (:func:`loadtest.workload.check_answer`);
   throughput counts good answers only, latency is the caller's wall time per request.
@@ -27,6 +29,98 @@ from cxr_core.bundle import Predictor
 from cxr_core.preprocess import pixels_to_tensor, prepare_image
 from loadtest.workload import PreparedImage, Route, Targets, check_answer
 from serving.latency import percentile
+
+
+class LoadMonitor:
+    """The machine's load while a benchmark runs: is anyone else using the cores?
+
+    The 1-minute load average is recorded before, during (sampled every ``interval_s``) and after,
+    but during the run it counts the benchmark's own busy threads (a saturated 2-core run reads
+    about 2), so what decides ``quiet`` is what the others used: the CPU time of every process
+    outside this process tree, read from ``/proc`` per interval, in cores. Quiet means the load
+    average before the run was at most ``quiet_per_core`` per core and the others never used more
+    than ``background_per_core`` per core in any interval.
+    """
+
+    def __init__(self, interval_s: float = 5.0, quiet_per_core: float = 0.5, background_per_core: float = 0.25):
+        import os
+
+        self.cpus = os.cpu_count() or 1
+        self.interval_s = interval_s
+        self.load_limit, self.background_limit = quiet_per_core * self.cpus, background_per_core * self.cpus
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = time.monotonic()
+
+    @staticmethod
+    def now() -> float:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+
+    @staticmethod
+    def _cpu_ticks() -> tuple[dict[int, int], dict[int, int]]:
+        """Per pid: utime + stime (clock ticks), and its parent."""
+        import os
+
+        ticks, parents = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        return ticks, parents
+
+    def _background_ticks(self) -> dict[int, int]:
+        import os
+
+        ticks, parents = self._cpu_ticks()
+        ours = {os.getpid()}
+        changed = True
+        while changed:  # every descendant of this process (TorchServe, its workers, the front, children)
+            grown = ours | {pid for pid, parent in parents.items() if parent in ours}
+            changed, ours = grown != ours, grown
+        return {pid: value for pid, value in ticks.items() if pid not in ours}
+
+    def _run(self) -> None:
+        import os
+
+        hertz = os.sysconf("SC_CLK_TCK")
+        previous, then = self._background_ticks(), time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            current, now = self._background_ticks(), time.monotonic()
+            used = sum(value - previous.get(pid, 0) for pid, value in current.items() if value >= previous.get(pid, 0))
+            self.samples.append({"t_s": round(now - self._started, 1), "load_1m": self.now(),
+                                 "background_cores": round(used / hertz / max(now - then, 1e-6), 3)})
+            previous, then = current, now
+
+    def __enter__(self) -> "LoadMonitor":
+        self.before = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after = self.now()
+
+    def summary(self) -> dict[str, Any]:
+        loads = [sample["load_1m"] for sample in self.samples]
+        background = [sample["background_cores"] for sample in self.samples]
+        peak_background = max(background) if background else 0.0
+        return {"load_1m_before": self.before, "load_1m_during_max": max(loads) if loads else None,
+                "load_1m_during_mean": round(statistics.fmean(loads), 2) if loads else None,
+                "load_1m_after": self.after, "background_cores_max": peak_background,
+                "background_cores_mean": round(statistics.fmean(background), 3) if background else None,
+                "load_limit_before": self.load_limit, "background_limit_cores": self.background_limit,
+                "quiet": self.before <= self.load_limit and peak_background <= self.background_limit,
+                "samples_every_s": self.interval_s, "samples": self.samples}
 
 
 def _timed_loop(step, seconds: float, min_iterations: int = 3, max_seconds: float | None = None) -> tuple[int, float]:
@@ -117,7 +211,7 @@ def closed_loop(targets: Targets, route: Route, images: list[PreparedImage], con
     def post(client: httpx.Client, index: int) -> tuple[int, bytes]:
         image = images[index % len(images)]
         response = client.post(url, content=image.body(route),
-                               headers={**headers, "X-Request-Id": f"bench-{uuid.uuid4().hex}"})
+                               headers={**headers, **image.headers(route), "X-Request-Id": f"bench-{uuid.uuid4().hex}"})
         return response.status_code, response.content
 
     def caller(number: int) -> None:

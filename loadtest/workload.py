@@ -30,6 +30,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from serving.client import read_answers, v1_request, v2_request
+from serving.oip import OipRequest
 from serving.schemas import MODEL_NAME, PredictionResponse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ ENV_EXPLAIN_METHOD = "CXR_LOADTEST_EXPLAIN_METHOD"
 ENV_MODEL_NAME = "CXR_LOADTEST_MODEL_NAME"
 WEIGHT_ENV_PREFIX = "CXR_LOADTEST_WEIGHT_"
 
-Route = Literal["native", "v1", "v2", "explain"]
-ROUTES: tuple[Route, ...] = ("native", "v1", "v2", "explain")
+Route = Literal["native", "v1", "v2", "v2_binary", "explain"]
+ROUTES: tuple[Route, ...] = ("native", "v1", "v2", "explain")  # Locust's user classes; v2_binary: the benchmark
 # Explanations (Grad-CAM) cost several predictions each and are asked for rarely: default share 1 in 10.
 DEFAULT_WEIGHTS: dict[str, int] = {"native": 3, "v1": 3, "v2": 3, "explain": 1}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -113,15 +114,24 @@ class PreparedImage:
     v1: bytes
     v2: bytes
     explain: bytes
+    v2_binary: bytes = b""
+    v2_binary_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, name: str, data: bytes, explain_method: str = "gradcam") -> "PreparedImage":
+        binary, binary_headers = OipRequest(images=[data]).forward_binary()  # tritonclient's layout
         return cls(name=name, raw=data, v1=json.dumps(v1_request([data])).encode(),
                    v2=json.dumps(v2_request([data])).encode(),
-                   explain=json.dumps(v1_request([data], explain=True, method=explain_method)).encode())
+                   explain=json.dumps(v1_request([data], explain=True, method=explain_method)).encode(),
+                   v2_binary=binary, v2_binary_headers=tuple(binary_headers.items()))
 
     def body(self, route: Route) -> bytes:
-        return {"native": self.raw, "v1": self.v1, "v2": self.v2, "explain": self.explain}[route]
+        return {"native": self.raw, "v1": self.v1, "v2": self.v2, "v2_binary": self.v2_binary,
+                "explain": self.explain}[route]
+
+    def headers(self, route: Route) -> dict[str, str]:
+        """This body's own headers (the binary extension's JSON header length differs per image)."""
+        return {k: v for k, v in self.v2_binary_headers if k != "content-type"} if route == "v2_binary" else {}
 
 
 def prepare_images(paths: list[Path], explain_method: str = "gradcam") -> list[PreparedImage]:
@@ -155,7 +165,8 @@ class Targets:
     def path(self, route: Route) -> str:
         """The request path of a route (relative to its base URL)."""
         return {"native": f"/predictions/{self.model_name}", "v1": f"/v1/models/{self.model_name}:predict",
-                "v2": f"/v2/models/{self.model_name}/infer", "explain": f"/v1/models/{self.model_name}:explain"}[route]
+                "v2": f"/v2/models/{self.model_name}/infer", "v2_binary": f"/v2/models/{self.model_name}/infer",
+                "explain": f"/v1/models/{self.model_name}:explain"}[route]
 
     def base_url(self, route: Route) -> str:
         return self.torchserve_url if route == "native" else self.front_url
@@ -167,7 +178,7 @@ class Targets:
             if self.torchserve_token:
                 headers["Authorization"] = f"Bearer {self.torchserve_token}"
             return headers
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/octet-stream" if route == "v2_binary" else "application/json"}
         if self.api_key:
             headers["X-API-Key"] = self.api_key
         return headers
@@ -179,7 +190,7 @@ def check_answer(route: Route, status: int, content: bytes, model_name: str = MO
         return f"status {status}: {content[:200].decode('utf-8', 'replace')}"
     try:
         payload = json.loads(content)
-        protocol = "native" if route == "native" else "v2" if route == "v2" else "v1"
+        protocol = "native" if route == "native" else "v2" if route in ("v2", "v2_binary") else "v1"
         answers: list[PredictionResponse] = read_answers(protocol, payload)
     except (ValueError, KeyError, StopIteration, TypeError) as error:  # pydantic's ValidationError is a ValueError
         return f"schema: {type(error).__name__}: {str(error)[:200]}"
