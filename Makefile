@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback review review-bench mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd chromium images loadtest bench loso perturb shortcuts train-lungs lungs-check clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback review review-bench mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd chromium images loadtest loadtest-saturation bench loso perturb shortcuts train-lungs lungs-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -181,7 +181,10 @@ WEIGHTS ?=
 loadtest: install ## Locust headless against `make serve`: make loadtest USERS=8 DURATION=60 [WEIGHTS=v2=3,explain=0] -> reports/loadtest
 	$(PY) -m loadtest.run --users $(USERS) --duration $(DURATION) $(if $(WEIGHTS),--weights $(WEIGHTS)) --data-dir $(DATA_DIR) --out $(REPORTS)/loadtest
 
-bench: install ## raw model vs TorchServe vs KServe front, then TorchServe tuning [BUNDLE=dir] -> reports/bench/bench.{json,md} (~17 min)
+loadtest-saturation: install ## Locust at saturation for 10 minutes on a private stack serving the shipped champion -> reports/loadtest/saturation_*
+	$(PY) -m loadtest.run --bundle $(or $(BUNDLE),$(CHAMPION_BUNDLE)) --users 8 --duration 600 --data-dir $(DATA_DIR) --out $(REPORTS)/loadtest --name saturation
+
+bench: install ## the model alone every way vs TorchServe vs KServe front, then tuning [BUNDLE=dir] -> reports/bench/bench.{json,md} (~13 min)
 	$(PY) -m loadtest.bench $(if $(BUNDLE),--bundle $(BUNDLE)) --data-dir $(DATA_DIR) --out $(REPORTS)/bench
 
 FAMILY ?= hog_logreg

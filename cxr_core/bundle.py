@@ -30,7 +30,7 @@ from cxr_core.calibration import softmax
 from cxr_core.errors import InputError
 from cxr_core.gate import GATE_ARRAYS, Gate, GateConfig, GateVerdict
 from cxr_core.hog import HogConfig
-from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_outputs, save_weights
+from cxr_core.models import WEIGHTS_FILES, ModelKind, load_weights, model_kind, model_logits, model_outputs, save_weights
 from cxr_core.policy import Decision, FittedPolicy
 from cxr_core.preprocess import PreprocessConfig, QualityFlags, prepare_image
 from cxr_core.runtime import OnnxForward, Runtime, classifier_forward

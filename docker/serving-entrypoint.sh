@@ -10,6 +10,8 @@
 #   CXR_API_KEYS                caller:key[,caller:key] the front accepts (required by the front)
 #   CXR_MODEL_NAME (cxr-screen) CXR_AUDIT_LOG_DIR (one <hostname>.jsonl per pod there)
 #   CXR_FRONT_ARGS              more front flags, e.g. "--max-body-mb 32 --timeout-s 60"
+#   CXR_TORCHSERVE_WORKERS      workers per model, replacing the package's (the chart renders CPU request /
+#                               threads per worker; CXR_TORCH_THREADS sets each worker's threads)
 # When either process exits the other is stopped and the container exits with the first one's
 # status, so the kubelet restarts the pod instead of leaving a half-working server.
 set -uo pipefail
@@ -25,7 +27,19 @@ if [[ -n "${CXR_AUDIT_LOG_DIR:-}" ]]; then
   export CXR_AUDIT_LOG="$CXR_AUDIT_LOG_DIR/$(hostname).jsonl"
 fi
 
-torchserve --foreground --ncs "$@" &
+# The package's config.properties fixed its worker count when it was built; this pod's CPUs decide.
+args=("$@")
+if [[ -n "${CXR_TORCHSERVE_WORKERS:-}" ]]; then
+  for i in "${!args[@]}"; do
+    if [[ "${args[$i]}" == "--ts-config" && -n "${args[$((i + 1))]:-}" ]]; then
+      python -m serving.ts_config --workers "$CXR_TORCHSERVE_WORKERS" "${args[$((i + 1))]}" "$workdir/config.properties" \
+        || exit 1
+      args[$((i + 1))]="$workdir/config.properties"
+    fi
+  done
+fi
+
+torchserve --foreground --ncs "${args[@]}" &
 torchserve_pid=$!
 
 # The front needs TorchServe's key file; TorchServe writes it while it starts.

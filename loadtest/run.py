@@ -186,6 +186,9 @@ def summary_markdown(summary: dict) -> str:
         f"{summary['front_url']} (KServe front) and {summary['torchserve_url']} (TorchServe); "
         f"route weights {summary['weights']}; think time {summary['wait_s']} s; "
         f"{summary['machine']['cpus']} CPUs, load average {summary['machine']['load_average_1m']}.",
+        *([f"", f"Private stack serving `{summary['bundle']}`: {summary['serving']['workers']} TorchServe worker(s) x "
+           f"{summary['serving']['torch_threads_per_worker']} thread(s), batchSize {summary['serving']['batch_size']}."]
+          if summary.get("bundle") else []),
         "",
         *markdown_table(
             ["route", "requests", "failures", "requests/s", "p50 ms", "p95 ms", "p99 ms"],
@@ -259,6 +262,26 @@ def run(*, users: int, spawn_rate: float, duration_s: int, front_url: str, torch
     return summary
 
 
+def run_on_private_stack(bundle: Path, config: ServingConfig, options: dict) -> dict:
+    """Package ``bundle`` with the serving config's settings, serve it privately, run Locust, stop it."""
+    import tempfile
+
+    from loadtest.served import served_model
+    from serving.mar import build_package
+
+    with tempfile.TemporaryDirectory(prefix="cxr-locust-") as scratch:
+        package = build_package(Path(bundle), Path(scratch) / "package", version="loadtest", config=config.package)
+        with served_model(package.root, Path(scratch) / "stack", torch_threads=config.local.torch_threads) as served:
+            summary = run(front_url=served.front_url, torchserve_url=served.torchserve_url, api_key=served.api_key,
+                          token=served.torchserve_token, **options)
+    summary["bundle"] = str(bundle)
+    summary["serving"] = {"workers": config.package.workers, "batch_size": config.package.batch_size,
+                          "torch_threads_per_worker": config.local.torch_threads}
+    Path(options["out"], f"{options['name']}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Path(options["out"], f"{options['name']}_summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=4, help=f"concurrent Locust users (1..{MAX_USERS})")
@@ -277,19 +300,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="labelled folder (default $DATA_DIR, the default data)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "loadtest")
     parser.add_argument("--name", default="locust", help="file prefix of the reports")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="serve this bundle on a private stack (configs/serving.yaml's package settings, free "
+                             "ports, its own key) for the run, instead of targeting `make serve`")
     args = parser.parse_args(argv)
     config = ServingConfig.load(args.config)
     local = config.local
-    api_key, token = default_credentials(config)
-    if args.api_key_file:
-        api_key = api_key_from_file(args.api_key_file)
+    options = dict(users=args.users, spawn_rate=args.spawn_rate or max(1.0, args.users / 2), duration_s=args.duration,
+                   weights=args.weights, out=args.out, name=args.name, data_dir=args.data_dir, images=args.images,
+                   wait_s=args.wait_s, explain_method=args.explain_method, model_name=config.package.model_name)
     try:
-        summary = run(users=args.users, spawn_rate=args.spawn_rate or max(1.0, args.users / 2),
-                      duration_s=args.duration, front_url=args.front_url or f"http://{local.host}:{local.front_port}",
-                      torchserve_url=args.torchserve_url or f"http://{local.host}:{local.inference_port}",
-                      api_key=api_key, token=token, weights=args.weights, out=args.out, name=args.name,
-                      data_dir=args.data_dir, images=args.images, wait_s=args.wait_s,
-                      explain_method=args.explain_method, model_name=config.package.model_name)
+        if args.bundle:
+            summary = run_on_private_stack(args.bundle, config, options)
+        else:
+            api_key, token = default_credentials(config)
+            if args.api_key_file:
+                api_key = api_key_from_file(args.api_key_file)
+            summary = run(front_url=args.front_url or f"http://{local.host}:{local.front_port}",
+                          torchserve_url=args.torchserve_url or f"http://{local.host}:{local.inference_port}",
+                          api_key=api_key, token=token, **options)
     except PreflightError as error:
         print(f"loadtest: {error}", file=sys.stderr)
         return 3

@@ -209,6 +209,18 @@ def test_rendered_predictor_loads_the_model_and_turns_ready(chart, predictor):
     assert LOAD_FAILED not in predictor.log_tail(10**7)
 
 
+def test_rendered_predictor_runs_the_worker_count_of_its_cpu_request(chart, predictor):
+    """The package was built with 1 worker; the chart renders CPU request / threads (2 by default) and
+    the image's entry point rewrites the package's config.properties to it."""
+    env = {item["name"]: item.get("value") for item in one(chart, "InferenceService")["spec"]["predictor"]["model"]["env"]}
+    workers = int(env["CXR_TORCHSERVE_WORKERS"])
+    assert workers == 2
+    deadline = time.monotonic() + 120
+    while predictor.log_tail(10**7).count(WORKER_LOADED) < workers and time.monotonic() < deadline:
+        time.sleep(1)
+    assert predictor.log_tail(10**7).count(WORKER_LOADED) == workers, predictor.log_tail()
+
+
 def test_rendered_predictor_answers_a_radiograph_and_audits_it_on_the_claim(chart, predictor, sample_image):
     assert predictor.ready_after_s is not None, f"predictor not ready:\n{predictor.log_tail()}"
     request_id, response = predictor.predict(sample_image.read_bytes())

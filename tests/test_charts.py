@@ -729,3 +729,34 @@ def test_existing_secret_switches_generation_off_for_that_secret():
                                   "postgresql": {"auth": {"existingSecret": "hospital-pg"}}})
     assert _hook_objects(both) == {}
     assert _hook_objects(rendered("production")) == {}
+
+
+@pytest.mark.parametrize("resources, serving, workers", [
+    (None, None, 2),                                        # the default: 2 CPUs -> 2 workers x 1 thread
+    ({"requests": {"cpu": "4"}}, None, 4),
+    ({"requests": {"cpu": "1500m"}}, None, 1),              # rounded down
+    ({"requests": {"cpu": "500m"}}, None, 1),               # never 0
+    ({"requests": {"cpu": 4}}, {"threadsPerWorker": 2}, 2),
+    ({"requests": {"cpu": "4"}}, {"workers": 3}, 3),        # set explicitly: wins
+])
+def test_torchserve_workers_and_threads_follow_the_cpu_request(resources, serving, workers):
+    isvc = {key: value for key, value in (("resources", resources), ("serving", serving)) if value is not None}
+    model = one(validate.render_chart({"inferenceService": isvc} if isvc else {}), "InferenceService")["spec"][
+        "predictor"]["model"]
+    env = env_of(model)
+    threads = str((serving or {}).get("threadsPerWorker", 1))
+    assert env["CXR_TORCHSERVE_WORKERS"] == str(workers)
+    assert env["CXR_TORCH_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads
+
+
+def test_the_entrypoint_rewrites_the_packages_worker_count():
+    from serving.mar import PackageConfig, config_properties
+    from serving.ts_config import with_workers
+
+    text = with_workers(config_properties(PackageConfig(workers=1), "3"), 2)
+    lines = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    entry = json.loads(lines["model_snapshot"])["models"]["cxr-screen"]["3"]
+    assert (entry["minWorkers"], entry["maxWorkers"]) == (2, 2) and entry["batchSize"] == PackageConfig().batch_size
+    assert '"minWorkers":1,"maxWorkers":1' in with_workers(text, 1)
+    with pytest.raises(ValueError):
+        with_workers(text, 0)

@@ -142,6 +142,25 @@ imagePullSecrets:
 {{- toYaml $res -}}
 {{- end -}}
 
+{{/* TorchServe workers of the predictor: inferenceService.serving.workers, else the CPU request
+     ("2", "1500m", 3) divided by threadsPerWorker, rounded down, at least 1. */}}
+{{- define "cxr-screen.serving.workers" -}}
+{{- $isvc := .Values.inferenceService -}}
+{{- $threads := int ($isvc.serving.threadsPerWorker | default 1) -}}
+{{- if $isvc.serving.workers -}}
+{{- int $isvc.serving.workers -}}
+{{- else -}}
+{{- $cpu := toString (dig "requests" "cpu" "1" ($isvc.resources | default dict)) -}}
+{{- $milli := 0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $milli = int (trimSuffix "m" $cpu) -}}
+{{- else -}}
+{{- $milli = int (mulf (float64 $cpu) 1000) -}}
+{{- end -}}
+{{- max 1 (div $milli (mul 1000 $threads)) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* RayJob ------------------------------------------------------------------------------ */}}
 
 {{/* One Ray pod template (head or worker): (dict "root" $ "role" "head"|"worker" "spec" .Values.sweep.head). */}}
