@@ -259,3 +259,20 @@ def test_status_and_code_maps_agree():
             assert HTTP_STATUS[code] == status, (status, code)
     assert error_code(415) == "not_an_image" and error_code(418) == "invalid_request"
     assert error_code(599, "bad_gateway") == "bad_gateway"
+
+
+def test_the_handler_reads_the_binary_extension_the_front_forwards(data_dir):
+    """One protocol translation: the front forwards v2 as the binary tensor extension, the handler parses
+    it with the front's own codec; the image bytes arrive raw, never through base64."""
+    from serving.oip import OipRequest
+
+    images = [path.read_bytes() for path in sorted((data_dir / "test" / "normal").glob("*.jpg"))[:2]]
+    body, headers = OipRequest(images=images, parameters={"explain": True}).forward_binary()
+    assert headers["content-type"] == "application/octet-stream" and base64.b64encode(images[0][:30]) not in body
+    parsed = parse_request({"body": bytearray(body)}, headers["content-type"], False,
+                           headers["inference-header-content-length"])
+    assert parsed.protocol == "v2" and parsed.images == images and parsed.explain and not parsed.single
+    for wrong in ("0", str(len(body) + 1), "x"):
+        with pytest.raises(RequestError) as refused:
+            parse_request({"body": bytearray(body)}, "application/octet-stream", False, wrong)
+        assert refused.value.code == "invalid_request" and "JFIF" not in str(refused.value)
