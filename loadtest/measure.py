@@ -49,6 +49,7 @@ class LoadMonitor:
         self.interval_s = interval_s
         self.load_limit, self.background_limit = quiet_per_core * self.cpus, background_per_core * self.cpus
         self.samples: list[dict[str, float]] = []
+        self._ours: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = time.monotonic()
@@ -86,7 +87,10 @@ class LoadMonitor:
         while changed:  # every descendant of this process (TorchServe, its workers, the front, children)
             grown = ours | {pid for pid, parent in parents.items() if parent in ours}
             changed, ours = grown != ours, grown
-        return {pid: value for pid, value in ticks.items() if pid not in ours}
+        # once ours, always ours: a stack's worker orphaned while it stops is reparented to init, and
+        # its whole lifetime's CPU would otherwise count as someone else's in one interval
+        self._ours.update(ours)
+        return {pid: value for pid, value in ticks.items() if pid not in self._ours}
 
     def _run(self) -> None:
         import os

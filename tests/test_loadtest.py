@@ -150,6 +150,9 @@ def test_load_monitor_counts_other_processes_not_its_own(tmp_path):
     spinner.write_text("import time\nt = time.time()\nwhile time.time() - t < 3.5:\n    pass\n")
     with LoadMonitor(interval_s=1.0) as own:
         subprocess.run([sys.executable, str(spinner)], check=True)  # a child: part of the benchmark
+        # a grandchild seen as ours, then orphaned (its parent exits, as a stopping stack's worker does)
+        subprocess.run(["bash", "-c", f"'{sys.executable}' '{spinner}' >/dev/null 2>&1 & sleep 1.5"], check=True)
+        time.sleep(2.5)
     # bash starts the spinner in the background and exits: it is reparented, no longer ours
     subprocess.run(["bash", "-c", f"'{sys.executable}' '{spinner}' >/dev/null 2>&1 &"], check=True)
     with LoadMonitor(interval_s=1.0) as other:
