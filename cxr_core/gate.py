@@ -15,10 +15,16 @@ gate runs before the policy and answers ``ungradable`` with a reason instead. It
   residual off them), fitted on the training split, scaled by its validation 95th percentile; the
   largest scaled score must stay under a threshold set as the ``1 - target_refusal`` quantile of
   the validation split, so the gate refuses about ``target_refusal`` (1%) of real radiographs;
-- a colour check: a colour photograph is no radiograph (the decoder measures channel spread).
+- a colour check: a colour photograph is no radiograph (the decoder measures channel spread);
+- a **crop discriminator**: a corner of a radiograph, cropped to a "lung box", shares the model's
+  features with a whole chest and slips under the OOD limit. A logistic regression on the same
+  features plus the thumbnail, trained on the training radiographs against corners cut from them
+  (outlier exposure: the only kind of garbage that is learned, because it is the only kind the
+  unsupervised scores miss), refuses what looks like part of a chest; its limit also comes out of
+  the validation budget.
 
 The fitted gate lives in the bundle: :class:`GateConfig` in ``bundle.json`` (thresholds, refusal
-rates) and the PCA arrays in ``gate.npz``. :meth:`cxr_core.bundle.Predictor.predict_prepared`
+rates) and the PCA and crop-discriminator arrays in ``gate.npz``. :meth:`cxr_core.bundle.Predictor.predict_prepared`
 applies it, so serving, the triage CLI and evaluation refuse the same images.
 
     python -m cxr_core.gate fit --bundle DIR [--data-dir ../shared/data/cxr3]   # (re)fit on any bundle
@@ -68,6 +74,11 @@ class GateConfig(BaseModel):
         "'lung box', can look like lung tissue; the failed segmentation is the tell). Set on validation: "
         "the failed images take at most lung_failure_budget_share of the refusal budget"))
     lung_failure_budget_share: float = Field(0.5, ge=0, le=1)
+    crop_threshold: float | None = Field(None, description=(
+        "limit of the crop discriminator's logit (part of a chest radiograph vs a whole one); None when the "
+        "gate has no crop discriminator. Set on validation after the other rules: it may refuse what is left "
+        "of the budget, at most crop_budget_share of it"))
+    crop_budget_share: float = Field(0.5, ge=0, le=1)
     target_refusal: float = 0.01
     refusal_rates: dict[str, float] = Field({}, description="share refused per split when fitted")
     n_fit: int = 0
@@ -77,7 +88,8 @@ class GateVerdict(BaseModel):
     """Why an image was (not) graded; the response and the audit log carry it."""
 
     gradable: bool
-    code: str | None = Field(None, description="blank, noise, aspect_ratio, colour_photo, not_a_chest_radiograph")
+    code: str | None = Field(None, description="blank, noise, aspect_ratio, too_small, colour_photo, "
+                                               "not_a_chest_radiograph, lungs_not_found, cropped")
     reason: str | None = None
     scores: dict[str, float] = {}
 
@@ -91,6 +103,7 @@ REASONS = {
     "not_a_chest_radiograph": "the image does not look like the chest radiographs the model was trained on",
     "lungs_not_found": "no lung fields were found and the image looks unlike the chest radiographs the model was "
                        "trained on",
+    "cropped": "the image shows part of a chest radiograph (a crop or a corner), not the whole chest",
 }
 
 
@@ -165,16 +178,104 @@ class PpcaScore:
 
 
 @dataclass
+class CropScore:
+    """Logistic regression, whole chest radiograph (0) vs part of one (1), on standardised features.
+
+    Stored as plain arrays (mean, scale, coefficients, intercept) so the bundle needs no pickle and
+    scoring is one dot product per image."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    @classmethod
+    def fit(cls, whole: np.ndarray, parts: np.ndarray, c: float = 0.01, seed: int = 0) -> "CropScore":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        features = np.vstack([whole, parts]).astype(np.float64)
+        labels = np.r_[np.zeros(len(whole)), np.ones(len(parts))]
+        scaler = StandardScaler().fit(features)
+        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
+        model.fit((features - scaler.mean_) / scale, labels)
+        return cls(mean=scaler.mean_, scale=scale, coef=model.coef_[0], intercept=float(model.intercept_[0]))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """The logit that the image is a part of a radiograph."""
+        return ((np.asarray(features, dtype=np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.mean": self.mean, f"{prefix}.scale": self.scale, f"{prefix}.coef": self.coef,
+                f"{prefix}.intercept": np.asarray([self.intercept])}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "CropScore":
+        return cls(mean=arrays[f"{prefix}.mean"], scale=arrays[f"{prefix}.scale"], coef=arrays[f"{prefix}.coef"],
+                   intercept=float(arrays[f"{prefix}.intercept"][0]))
+
+
+CROP = "crop"
+
+
+def crop_features(model_feature_rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """What the crop discriminator reads: the model's features and the 8x8 layout thumbnail."""
+    return np.hstack([np.asarray(model_feature_rows, dtype=np.float32), thumbnails(pixels)])
+
+
+def corner_crops(paths: list[Path], preprocess, count: int, seed: int = 0) -> np.ndarray:
+    """Prepared pixels of ``count`` corners cut from the radiographs at ``paths`` (the crop
+    discriminator's negatives): any of the four corners, 25-55% of each side, half of them
+    upscaled to a radiograph's size (the size rule alone must not be what refuses a corner).
+    Corners the preprocessing refuses (too small to prepare) are skipped."""
+    import io
+
+    from PIL import Image
+
+    from cxr_core.errors import InputError
+    from cxr_core.preprocess import prepare_image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in rng.choice(len(paths), size=min(count, len(paths)), replace=False):
+        gray = np.asarray(Image.open(paths[index]).convert("L"))
+        height, width = gray.shape
+        fraction_h, fraction_w = rng.uniform(0.25, 0.55, 2)
+        crop_h, crop_w = max(1, int(height * fraction_h)), max(1, int(width * fraction_w))
+        corner = int(rng.integers(4))
+        top = 0 if corner < 2 else height - crop_h
+        left = 0 if corner % 2 == 0 else width - crop_w
+        image = Image.fromarray(np.ascontiguousarray(gray[top:top + crop_h, left:left + crop_w]))
+        if rng.random() < 0.5:
+            scale = 320 / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        try:
+            rows.append(prepare_image(buffer.getvalue(), preprocess).pixels)
+        except InputError:
+            continue
+    side = preprocess.image_size
+    return np.stack(rows) if rows else np.zeros((0, side, side), np.uint8)
+
+
+@dataclass
 class Gate:
     config: GateConfig
     scorers: dict[str, PpcaScore]
+    crop: CropScore | None = None
 
     def scores(self, predictor, pixels: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per space, the OOD score of each image; ``features`` are the model's (computed here when None)."""
         if features is None:
             features = model_features(predictor, pixels)
-        return {"model_features": self.scorers["model_features"].score(features),
-                "thumbnail": self.scorers["thumbnail"].score(thumbnails(pixels))}
+        scores = {"model_features": self.scorers["model_features"].score(features),
+                  "thumbnail": self.scorers["thumbnail"].score(thumbnails(pixels))}
+        if self.crop is not None:
+            scores[CROP] = self.crop.score(crop_features(features, pixels))
+        return scores
 
     def combined(self, predictor, pixels: np.ndarray, features: np.ndarray | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -198,7 +299,7 @@ class Gate:
         for index, aspect in enumerate(aspect_ratios):
             row = {"std": round(float(std[index]), 3), "noise": round(float(noise[index]), 4),
                    "colour": round(float(colourfulness[index]), 3), "ood": round(float(combined[index]), 4),
-                   **{space: round(float(scores[space][index]), 4) for space in SPACES}}
+                   **{space: round(float(values[index]), 4) for space, values in scores.items()}}
             code = None
             if std[index] < config.min_std:
                 code = "blank"
@@ -215,6 +316,8 @@ class Gate:
             elif (lung_failed[index] and config.lung_failure_threshold is not None
                   and combined[index] > config.lung_failure_threshold):
                 code = "lungs_not_found"
+            elif config.crop_threshold is not None and CROP in scores and scores[CROP][index] > config.crop_threshold:
+                code = "cropped"
             verdicts.append(GateVerdict(gradable=code is None, code=code, reason=REASONS.get(code or ""), scores=row))
         return verdicts
 
@@ -222,25 +325,37 @@ class Gate:
         arrays: dict[str, np.ndarray] = {}
         for space, scorer in self.scorers.items():
             arrays.update(scorer.arrays(space))
+        if self.crop is not None:
+            arrays.update(self.crop.arrays(CROP))
         np.savez(Path(bundle_dir) / GATE_ARRAYS, **arrays)
 
     @classmethod
     def load(cls, bundle_dir: Path, config: GateConfig) -> "Gate":
         with np.load(Path(bundle_dir) / GATE_ARRAYS) as arrays:
-            return cls(config=config, scorers={space: PpcaScore.from_arrays(arrays, space) for space in SPACES})
+            crop = CropScore.from_arrays(arrays, CROP) if f"{CROP}.coef" in arrays.files else None
+            return cls(config=config, scorers={space: PpcaScore.from_arrays(arrays, space) for space in SPACES},
+                       crop=crop)
 
 
 def fit_gate(predictor, train_pixels: np.ndarray, val_pixels: np.ndarray, target_refusal: float = 0.01,
              extra_splits: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
-             val_lung_failed: np.ndarray | None = None) -> Gate:
-    """Fit on the training images, set thresholds on validation (``target_refusal`` in all)."""
-    scorers = {"model_features": PpcaScore.fit(model_features(predictor, train_pixels), max_components=16),
+             val_lung_failed: np.ndarray | None = None, crop_negatives: np.ndarray | None = None) -> Gate:
+    """Fit on the training images, set thresholds on validation (``target_refusal`` in all).
+
+    ``crop_negatives``: prepared corners of training radiographs (:func:`corner_crops`); with them
+    the gate also gets its crop discriminator."""
+    train_features = model_features(predictor, train_pixels)
+    scorers = {"model_features": PpcaScore.fit(train_features, max_components=16),
                "thumbnail": PpcaScore.fit(thumbnails(train_pixels), max_components=48)}
+    crop = None
+    if crop_negatives is not None and len(crop_negatives) >= 10:
+        crop = CropScore.fit(crop_features(train_features, train_pixels),
+                             crop_features(model_features(predictor, crop_negatives), crop_negatives))
     provisional = Gate(GateConfig(scales={space: 1.0 for space in SPACES}, ood_threshold=float("inf")), scorers)
     val_scores = provisional.scores(predictor, val_pixels)
     scales = {space: float(np.quantile(val_scores[space], 0.95)) for space in SPACES}
     gate = Gate(GateConfig(scales=scales, ood_threshold=float("inf"), target_refusal=target_refusal,
-                           n_fit=len(train_pixels)), scorers)
+                           n_fit=len(train_pixels)), scorers, crop)
     set_thresholds(gate, predictor, val_pixels, val_lung_failed)
     rates = {}
     for name, (pixels, failed) in {"val": (val_pixels, val_lung_failed), **(extra_splits or {})}.items():
@@ -254,25 +369,38 @@ def fit_gate(predictor, train_pixels: np.ndarray, val_pixels: np.ndarray, target
 def set_thresholds(gate: Gate, predictor, val_pixels: np.ndarray, val_lung_failed: np.ndarray | None = None) -> None:
     """Set the OOD limits on validation radiographs so that all rules together refuse at most the budget.
 
-    The image-statistics rules take their share first; where the bundle crops to the lungs and
-    some validation images' lungs were not found, those images get ``lung_failure_budget_share``
-    of what is left under a lower limit (only failed images can be refused by it), the rest goes
-    to the plain OOD limit. Scorers and scales are not touched, so a bundle's thresholds can be
-    re-set without refitting (:func:`main` ``thresholds``).
+    The image-statistics rules take their share first. Of what is left, the crop discriminator (when
+    the gate has one) is kept ``crop_budget_share``; where the bundle crops to the lungs and some
+    validation images' lungs were not found, those images get ``lung_failure_budget_share`` of the
+    rest under a lower limit (only failed images can be refused by it); the plain OOD limit gets
+    the remainder. The crop limit is set last, on the images the other rules let through, so it
+    spends exactly what they left. Scorers and scales are not touched, so a bundle's thresholds can
+    be re-set without refitting (:func:`main` ``thresholds``).
     """
     config = gate.config
-    combined, _ = gate.combined(predictor, val_pixels)
+    combined, scores = gate.combined(predictor, val_pixels)
     std, noise = image_statistics(val_pixels)
-    by_rules = float(np.mean((std < config.min_std) | (noise > config.max_noise)))
-    budget = max(config.target_refusal - by_rules, config.target_refusal / 4)
+    by_rules_mask = (std < config.min_std) | (noise > config.max_noise)
+    budget = max(config.target_refusal - float(np.mean(by_rules_mask)), config.target_refusal / 4)
+    crop_share = config.crop_budget_share if gate.crop is not None else 0.0
     failed = np.zeros(len(combined), bool) if val_lung_failed is None else np.asarray(val_lung_failed, bool)
     lung_share = config.lung_failure_budget_share if failed.any() else 0.0
-    config.ood_threshold = float(np.quantile(combined, 1.0 - budget * (1.0 - lung_share), method="higher"))
+    unsupervised = budget * (1.0 - crop_share)
+    config.ood_threshold = float(np.quantile(combined, 1.0 - unsupervised * (1.0 - lung_share), method="higher"))
     config.lung_failure_threshold = None
     if lung_share > 0:
         candidates = np.sort(combined[failed & (combined <= config.ood_threshold)])[::-1]
-        allowed = int(lung_share * budget * len(combined))
+        allowed = int(lung_share * unsupervised * len(combined))
         config.lung_failure_threshold = float(candidates[allowed]) if allowed < len(candidates) else 0.0
+    config.crop_threshold = None
+    if gate.crop is not None:
+        refused = by_rules_mask | (combined > config.ood_threshold)
+        if config.lung_failure_threshold is not None:
+            refused |= failed & (combined > config.lung_failure_threshold)
+        allowed = max(int(np.floor((budget + float(np.mean(by_rules_mask))) * len(combined) + 1e-9))
+                      - int(refused.sum()), 0)
+        candidates = np.sort(scores[CROP][~refused])[::-1]
+        config.crop_threshold = float(candidates[allowed]) if allowed < len(candidates) else float(candidates.min()) - 1.0
 
 
 def lung_failures(records, preprocess) -> np.ndarray | None:
@@ -282,6 +410,18 @@ def lung_failures(records, preprocess) -> np.ndarray | None:
     from cxr_core.preprocess import prepare_image
 
     return np.asarray([prepare_image(r.path.read_bytes(), preprocess).flags.lung_segmentation_failed for r in records])
+
+
+CROP_NEGATIVES = 1500
+
+
+def train_corners(records, preprocess, count: int = CROP_NEGATIVES, seed: int = 0) -> np.ndarray | None:
+    """The crop discriminator's negatives from a training split's records: at most ``count`` corners,
+    one per radiograph and at most a third of the split (small test fits stay small); None for 0."""
+    count = min(count, len(records) // 3)
+    if count < 10:
+        return None
+    return corner_crops([record.path for record in records], preprocess, count, seed)
 
 
 def attach_gate(bundle_dir: Path | str, gate: Gate) -> None:
@@ -315,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--data-dir", type=Path, default=None, help="default: the bundle's provenance data_dir")
         command.add_argument("--target-refusal", type=float, default=0.01)
         command.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick fits)")
+    fit.add_argument("--crop-negatives", type=int, default=CROP_NEGATIVES,
+                     help="corners cut from training radiographs for the crop discriminator (0: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from cxr_core.bundle import load_bundle
@@ -338,8 +480,10 @@ def main(argv: list[str] | None = None) -> None:
                 None if failed[name] is None else [bool(f) for f in failed[name]])])), 4)
             for name, split in splits.items()}
     else:
+        negatives = train_corners(splits["train"].records, preprocess, args.crop_negatives)
         gate = fit_gate(predictor, splits["train"].pixels, splits["val"].pixels, args.target_refusal,
-                        {"test": (splits["test"].pixels, failed["test"])}, val_lung_failed=failed["val"])
+                        {"test": (splits["test"].pixels, failed["test"])}, val_lung_failed=failed["val"],
+                        crop_negatives=negatives)
     attach_gate(args.bundle, gate)
     print(json.dumps({"bundle": str(args.bundle), **gate.config.model_dump(mode="json")}, indent=1))
 

@@ -119,3 +119,64 @@ def test_a_mixed_batch_keeps_one_answer_per_image_in_order(monitoring_bundle, gr
         not predictor.predict_bytes(real_test[0]).gradable, True, not predictor.predict_bytes(real_test[1]).gradable, True]
     for position in (0, 2):
         assert answers[position].decision == predictor.predict_bytes(batch[position]).decision
+
+
+def _refusal_rate(predictor, files: list[bytes]) -> float:
+    from cxr_core.errors import InputError
+
+    return float(np.mean([isinstance(a, InputError) or not a.gradable for a in predictor.predict_many(files)]))
+
+
+def test_crop_discriminator_refuses_corners_the_unsupervised_scores_miss(monitoring_bundle, data_dir):
+    """Corners of held-out test radiographs (the discriminator learned on corners of training ones):
+    the crop rule refuses most and more than the gate does without it, with its own code and reason."""
+    predictor = load_bundle(monitoring_bundle)
+    gate = predictor.gate
+    assert gate.crop is not None and gate.config.crop_threshold is not None
+    paths = sorted((data_dir / "test").glob("*/*.jpg"))[::41][:15]
+    corners = garbage_kinds([np.asarray(Image.open(path).convert("L")) for path in paths])["radiograph_corner_any"]
+    answers = predictor.predict_many(corners)
+    cropped = [a for a in answers if not isinstance(a, Exception) and a.gate and a.gate.code == "cropped"]
+    assert cropped and all(a.decision.label == UNGRADABLE and "part of a chest" in a.gate.reason for a in cropped)
+    with_rule = _refusal_rate(predictor, corners)
+    gate.config.crop_threshold = None
+    without_rule = _refusal_rate(predictor, corners)
+    assert with_rule >= 0.8 and with_rule > without_rule, (with_rule, without_rule)
+
+
+def test_crop_limit_spends_what_the_other_rules_leave(monitoring_bundle, data_dir):
+    """Thresholds re-set on a validation sample at a 5% budget: all rules together refuse exactly the
+    budget (the crop limit is set last, on what the others let through), and the crop rule takes part."""
+    from cxr_core.gate import lung_failures, set_thresholds, split_arrays
+
+    predictor = load_bundle(monitoring_bundle)
+    gate, preprocess = predictor.gate, predictor.manifest.preprocess
+    val = split_arrays(data_dir, preprocess, "val", 40)
+    failed = lung_failures(val.records, preprocess)
+    gate.config.target_refusal = 0.05
+    set_thresholds(gate, predictor, val.pixels, failed)
+    flags = None if failed is None else [bool(f) for f in failed]
+    verdicts = gate.verdicts(predictor, val.pixels, [1.0] * len(val.pixels), None, flags)
+    codes = [v.code for v in verdicts if not v.gradable]
+    assert len(codes) == int(0.05 * len(val.pixels)), codes
+    assert "cropped" in codes and "not_a_chest_radiograph" in codes, codes
+
+
+def test_a_gate_without_crop_discriminator_still_loads(monitoring_bundle, tmp_path, grays):
+    """Bundles fitted before the crop rule (no crop.* arrays, no crop_threshold) load and never answer
+    'cropped'; everything else about their verdicts is unchanged."""
+    bundle = shutil.copytree(monitoring_bundle, tmp_path / "bundle")
+    with np.load(bundle / GATE_ARRAYS) as arrays:
+        kept = {name: arrays[name] for name in arrays.files if not name.startswith("crop.")}
+    assert len(kept) < len(np.load(bundle / GATE_ARRAYS).files)
+    np.savez(bundle / GATE_ARRAYS, **kept)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["gate"].pop("crop_threshold")
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    old, new = load_bundle(bundle), load_bundle(monitoring_bundle)
+    assert old.gate.crop is None and old.gate.config.crop_threshold is None
+    files = garbage_kinds(grays)["radiograph_corner_any"] + garbage_kinds(grays)["all_black"]
+    for before, now in zip(old.predict_many(files), new.predict_many(files)):
+        assert before.gate.code != "cropped" and "crop" not in before.gate.scores
+        if now.gate.code != "cropped":
+            assert before.gate.code == now.gate.code

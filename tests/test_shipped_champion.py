@@ -57,8 +57,8 @@ def test_shipped_champion_explains_on_the_original_image(data_dir):
 
 def test_shipped_champion_refuses_radiograph_corners_and_photographs(data_dir):
     """Cropped to a 'lung box', a corner of a radiograph can pass for lung tissue; its failed lung
-    segmentation is the tell (the gate's lungs_not_found rule), its size another (too_small). No
-    photograph gets a diagnosis; most corners get none."""
+    segmentation is one tell (lungs_not_found), its size another (too_small), the crop discriminator
+    the one that catches the rest (cropped). No photograph and no corner gets a diagnosis."""
     import numpy as np
     from PIL import Image
 
@@ -66,15 +66,15 @@ def test_shipped_champion_refuses_radiograph_corners_and_photographs(data_dir):
 
     predictor = load_bundle(SHIPPED)
     assert predictor.gate.config.lung_failure_threshold is not None
+    assert predictor.gate.crop is not None and predictor.gate.config.crop_threshold is not None
     assert predictor.gate.config.refusal_rates["val"] <= 0.01 and predictor.gate.config.refusal_rates["test"] <= 0.01
     grays = [np.asarray(Image.open(p).convert("L")) for p in sorted((data_dir / "test").glob("*/*.jpg"))[::97][:6]]
     kinds = garbage_kinds(grays)
     answers = predictor.predict_many(kinds["natural_photo"])
     diagnosed = [a.decision.label for a in answers if not isinstance(a, InputError) and a.gradable]
     assert diagnosed == [], diagnosed
-    # corners: a known gap (reports/serving/gate.json: 93% of 60 corners refused, 88% at full size);
-    # guarded here so that it does not widen
-    for kind, at_least in (("radiograph_corner", 0.9), ("radiograph_corner_full_size", 0.8)):
+    # corners: the crop discriminator (reports/serving/gate.json: every corner kind 100%)
+    for kind in ("radiograph_corner", "radiograph_corner_full_size", "radiograph_corner_any"):
         answers = predictor.predict_many(kinds[kind])
-        refused = [isinstance(a, InputError) or not a.gradable for a in answers]
-        assert np.mean(refused) >= at_least, (kind, refused)
+        diagnosed = [a.decision.label for a in answers if not isinstance(a, InputError) and a.gradable]
+        assert diagnosed == [], (kind, diagnosed)

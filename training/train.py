@@ -202,13 +202,14 @@ def run_training(config: TrainConfig, data: Path | TrainingData, out_root: Path,
 
 def fit_bundle_gate(bundle_dir: Path, splits: dict) -> None:
     """The gradability gate (cxr_core.gate), fitted on this run's train/val images, into the bundle."""
-    from cxr_core.gate import attach_gate, fit_gate, lung_failures
+    from cxr_core.gate import attach_gate, fit_gate, lung_failures, train_corners
 
     predictor = load_bundle(bundle_dir, gate=False)
     preprocess = predictor.manifest.preprocess
     gate = fit_gate(predictor, splits["train"].pixels, splits["val"].pixels,
                     extra_splits={"test": (splits["test"].pixels, lung_failures(splits["test"].records, preprocess))},
-                    val_lung_failed=lung_failures(splits["val"].records, preprocess))
+                    val_lung_failed=lung_failures(splits["val"].records, preprocess),
+                    crop_negatives=train_corners(splits["train"].records, preprocess))
     attach_gate(bundle_dir, gate)
     log.info("gate: refusal rates %s", gate.config.refusal_rates)
 
