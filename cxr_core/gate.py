@@ -219,9 +219,21 @@ class CropScore:
 CROP = "crop"
 
 
-def crop_features(model_feature_rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+def crop_features(model_feature_rows: np.ndarray, thumbnail_rows: np.ndarray) -> np.ndarray:
     """What the crop discriminator reads: the model's features and the 8x8 layout thumbnail."""
-    return np.hstack([np.asarray(model_feature_rows, dtype=np.float32), thumbnails(pixels)])
+    return np.hstack([np.asarray(model_feature_rows, dtype=np.float32), thumbnail_rows])
+
+
+def cut_corner(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random corner of a radiograph: any of the four, 25-55% of each side (what the crop
+    discriminator learns from, and what the gate report tests it on, on other images)."""
+    height, width = gray.shape
+    fraction_h, fraction_w = rng.uniform(0.25, 0.55, 2)
+    crop_h, crop_w = max(1, int(height * fraction_h)), max(1, int(width * fraction_w))
+    corner = int(rng.integers(4))
+    top = 0 if corner < 2 else height - crop_h
+    left = 0 if corner % 2 == 0 else width - crop_w
+    return np.ascontiguousarray(gray[top:top + crop_h, left:left + crop_w])
 
 
 def corner_crops(paths: list[Path], preprocess, count: int, seed: int = 0) -> np.ndarray:
@@ -239,14 +251,7 @@ def corner_crops(paths: list[Path], preprocess, count: int, seed: int = 0) -> np
     rng = np.random.default_rng(seed)
     rows = []
     for index in rng.choice(len(paths), size=min(count, len(paths)), replace=False):
-        gray = np.asarray(Image.open(paths[index]).convert("L"))
-        height, width = gray.shape
-        fraction_h, fraction_w = rng.uniform(0.25, 0.55, 2)
-        crop_h, crop_w = max(1, int(height * fraction_h)), max(1, int(width * fraction_w))
-        corner = int(rng.integers(4))
-        top = 0 if corner < 2 else height - crop_h
-        left = 0 if corner % 2 == 0 else width - crop_w
-        image = Image.fromarray(np.ascontiguousarray(gray[top:top + crop_h, left:left + crop_w]))
+        image = Image.fromarray(cut_corner(np.asarray(Image.open(paths[index]).convert("L")), rng))
         if rng.random() < 0.5:
             scale = 320 / max(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -271,10 +276,11 @@ class Gate:
         """Per space, the OOD score of each image; ``features`` are the model's (computed here when None)."""
         if features is None:
             features = model_features(predictor, pixels)
+        layout = thumbnails(pixels)
         scores = {"model_features": self.scorers["model_features"].score(features),
-                  "thumbnail": self.scorers["thumbnail"].score(thumbnails(pixels))}
+                  "thumbnail": self.scorers["thumbnail"].score(layout)}
         if self.crop is not None:
-            scores[CROP] = self.crop.score(crop_features(features, pixels))
+            scores[CROP] = self.crop.score(crop_features(features, layout))
         return scores
 
     def combined(self, predictor, pixels: np.ndarray, features: np.ndarray | None = None
@@ -344,13 +350,13 @@ def fit_gate(predictor, train_pixels: np.ndarray, val_pixels: np.ndarray, target
 
     ``crop_negatives``: prepared corners of training radiographs (:func:`corner_crops`); with them
     the gate also gets its crop discriminator."""
-    train_features = model_features(predictor, train_pixels)
+    train_features, train_layout = model_features(predictor, train_pixels), thumbnails(train_pixels)
     scorers = {"model_features": PpcaScore.fit(train_features, max_components=16),
-               "thumbnail": PpcaScore.fit(thumbnails(train_pixels), max_components=48)}
+               "thumbnail": PpcaScore.fit(train_layout, max_components=48)}
     crop = None
     if crop_negatives is not None and len(crop_negatives) >= 10:
-        crop = CropScore.fit(crop_features(train_features, train_pixels),
-                             crop_features(model_features(predictor, crop_negatives), crop_negatives))
+        crop = CropScore.fit(crop_features(train_features, train_layout),
+                             crop_features(model_features(predictor, crop_negatives), thumbnails(crop_negatives)))
     provisional = Gate(GateConfig(scales={space: 1.0 for space in SPACES}, ood_threshold=float("inf")), scorers)
     val_scores = provisional.scores(predictor, val_pixels)
     scales = {space: float(np.quantile(val_scores[space], 0.95)) for space in SPACES}

@@ -116,17 +116,10 @@ def garbage_kinds(radiographs: list[np.ndarray], seed: int = 0) -> dict[str, lis
     kinds["radiograph_corner_full_size"] = [_png(np.asarray(_resize_longer(Image.open(io.BytesIO(corner)), 320)))
                                             for corner in corners]
     # any of the four corners, 25-55% of each side, at a radiograph's size: not only the thirds above
-    shuffled = []
-    for gray in radiographs:
-        height, width = gray.shape
-        for _ in range(2):
-            fraction_h, fraction_w = rng.uniform(0.25, 0.55, 2)
-            crop_h, crop_w = int(height * fraction_h), int(width * fraction_w)
-            corner = int(rng.integers(4))
-            top, left = (0 if corner < 2 else height - crop_h), (0 if corner % 2 == 0 else width - crop_w)
-            crop = Image.fromarray(np.ascontiguousarray(gray[top:top + crop_h, left:left + crop_w]))
-            shuffled.append(_png(np.asarray(_resize_longer(crop, 320))))
-    kinds["radiograph_corner_any"] = shuffled
+    from cxr_core.gate import cut_corner
+
+    kinds["radiograph_corner_any"] = [_png(np.asarray(_resize_longer(Image.fromarray(cut_corner(gray, rng)), 320)))
+                                      for gray in radiographs for _ in range(2)]
     kinds["truncated_png"] = [incomplete_png(gray) for gray in radiographs[:4]]
     kinds["truncated_jpeg"] = [_jpeg(gray)[: len(_jpeg(gray)) * 2 // 5] + b"\xff\xd9" for gray in radiographs[:4]]
     kinds["cut_png"] = [_png(gray)[: len(_png(gray)) // 2] for gray in radiographs[:4]]
