@@ -19,7 +19,7 @@ export SWEEP_BUDGET
 SWEEP_OBJECTIVE ?= ## validation (default) or worst_source (adds leave-one-source-out to every trial)
 export SWEEP_OBJECTIVE
 
-.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback review review-bench mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd chromium images loadtest loadtest-saturation bench loso perturb shortcuts train-lungs lungs-check clean
+.PHONY: help install lock test demo audit bench-data mlflow stop train train-all sweep champion model-report promote rollback registry evaluate recalibrate drift drift-demo loop-demo rollout feedback review review-bench mar serve latency triage explain gate gate-report conformance package-model charts-validate cluster cluster-stop etcd chromium images loadtest loadtest-saturation bench loso loso-champion perturb shortcuts train-lungs lungs-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -82,7 +82,7 @@ champion: mlflow ## register the shipped champion (models/champion) if none is r
 		     else $(PY) -m training.sweep --budget small --data-dir $(DATA_DIR) --report-dir runs/sweep-report; fi; }
 
 CHAMPION_BUNDLE ?= models/champion
-LOSO_REPORT ?=
+LOSO_REPORT ?= $(REPORTS)/robustness/loso-efficientnet_lite0-lungs.json
 model-report: install ## the champion's report card (per source, population, NIH view; issue-13 targets) -> reports/model/champion.{json,md}
 	$(PY) -m training.model_report --bundle $(CHAMPION_BUNDLE) --data-dir $(DATA_DIR) --out $(REPORTS)/model $(if $(LOSO_REPORT),--loso $(LOSO_REPORT))
 
@@ -190,9 +190,18 @@ bench: install ## the model alone every way vs TorchServe vs KServe front, then 
 FAMILY ?= hog_logreg
 ROBUSTNESS ?= configs/robustness.yaml
 LOSO_NAME ?= loso
-loso: install ## leave-one-source-out of FAMILY x mitigations -> reports/robustness/$(LOSO_NAME).{json,md} (~12 min for hog_logreg)
+MITIGATIONS ?=
+FOLDS ?=
+OVERRIDES ?=
+loso: install ## leave-one-source-out of FAMILY x MITIGATIONS (default all) over FOLDS [OVERRIDES="epochs=8"] -> reports/robustness/$(LOSO_NAME).{json,md} (~12 min for hog_logreg)
 	$(PY) -m training.robustness.loso --config configs/train/$(FAMILY).yaml --data-dir $(DATA_DIR) \
-		--robustness $(ROBUSTNESS) --out $(REPORTS)/robustness --name $(LOSO_NAME)
+		--robustness $(ROBUSTNESS) --out $(REPORTS)/robustness --name $(LOSO_NAME) \
+		$(if $(MITIGATIONS),--mitigations $(MITIGATIONS)) $(if $(FOLDS),--folds $(FOLDS)) $(OVERRIDES)
+
+# the shipped champion's family: three TB folds, the product's own source first (37-47 min a fold on 2 cores)
+loso-champion: install ## leave-one-source-out of the champion's recipe (8 of its 12 epochs) -> reports/robustness/loso-efficientnet_lite0-lungs.*
+	$(MAKE) loso FAMILY=efficientnet_lite0_lungs_long LOSO_NAME=loso-efficientnet_lite0-lungs MITIGATIONS=baseline \
+		FOLDS=kaggle-cxr,tbdb,tbx11k OVERRIDES=epochs=8
 
 perturb: install ## perturbation suite on BUNDLE=dir(s), else unmitigated + default + best mitigation of make loso -> reports/robustness/perturb.*
 	$(PY) -m training.robustness.perturb $(if $(BUNDLE),$(foreach b,$(BUNDLE),--bundle $(b)),--from-loso $(REPORTS)/robustness/$(LOSO_NAME).json) \

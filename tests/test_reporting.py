@@ -35,6 +35,7 @@ def test_chart_table_right_aligns_the_counts():
 
 @pytest.mark.parametrize("module, stem", [
     ("training.robustness.perturb", "robustness/perturb"), ("training.robustness.loso", "robustness/loso"),
+    ("training.robustness.loso", "robustness/loso-efficientnet_lite0-lungs"), ("training.model_report", "model/champion"),
     ("training.robustness.shortcuts", "robustness/shortcuts"), ("training.train_lungs", "lungs/segmenter"),
     ("training.lungs_check", "lungs/cxr3-check")])
 def test_committed_reports_are_what_their_writer_renders(tmp_path, module, stem):

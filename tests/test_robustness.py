@@ -32,7 +32,7 @@ def tiny_loso(data_dir, tmp_path_factory):
     settings = RobustnessConfig.from_yaml("configs/robustness.yaml")
     base = TrainConfig.from_yaml("configs/train/hog_logreg.yaml", TINY)
     runs = tmp_path_factory.mktemp("loso-runs")
-    document = run_loso(base, data_dir, settings, ["baseline", "source_balanced"], ["all-sources", "tbx11k"], runs)
+    document = run_loso(base, data_dir, settings, ["baseline", "source_balanced"], ["tbx11k", "all-sources"], runs)
     return document
 
 
@@ -41,6 +41,7 @@ def test_loso_runs_end_to_end_and_never_trains_on_the_held_out_source(tiny_loso,
     for name in ("baseline", "source_balanced"):
         folds = {f["fold"]: f for f in tiny_loso["mitigations"][name]["folds"]}
         assert set(folds) == {"all-sources", "tbx11k"}
+        assert [f["fold"] for f in tiny_loso["mitigations"][name]["folds"]] == ["tbx11k", "all-sources"]  # as asked
         held = folds["tbx11k"]
         for split in ("train", "val"):
             trained = held["trained_on"][split]
@@ -60,8 +61,9 @@ def test_loso_runs_end_to_end_and_never_trains_on_the_held_out_source(tiny_loso,
     # the same images reach training; the source-balanced resample inside training (fixed-matrix
     # family) gives every source of a label the same fitted row count, also in the default config
     for name in ("baseline", "source_balanced"):
-        fold = tiny_loso["mitigations"][name]["folds"][1]
-        assert fold["trained_on"] == tiny_loso["mitigations"]["baseline"]["folds"][1]["trained_on"]
+        fold = next(f for f in tiny_loso["mitigations"][name]["folds"] if f["fold"] == "tbx11k")
+        assert fold["trained_on"] == next(f for f in tiny_loso["mitigations"]["baseline"]["folds"]
+                                          if f["fold"] == "tbx11k")["trained_on"]
         fitted = fold["fitted_on"]
         assert sum(fitted.values()) > sum(fold["trained_on"]["train"].values())
         for label in ("normal", "pneumonia", "tuberculosis"):
@@ -71,6 +73,39 @@ def test_loso_runs_end_to_end_and_never_trains_on_the_held_out_source(tiny_loso,
     write_markdown(tiny_loso, tmp_path / "loso.md")
     assert "worst-source tuberculosis sens" in (tmp_path / "loso.md").read_text()
     json.dumps(tiny_loso)  # the report is plain JSON
+
+
+def test_model_report_reads_the_loso_report_its_writer_wrote(tiny_loso, tmp_path):
+    """The champion's report card takes its LOSO headline from the real LOSO writer's document."""
+    from training.model_report import _same_family, loso_block, loso_markdown
+
+    path = tmp_path / "loso.json"
+    path.write_text(json.dumps({**tiny_loso, "recipe": {"config": "configs/train/hog_logreg.yaml", "overrides": ["epochs=8"]}},
+                               default=float))
+    block = loso_block(path)
+    summary = tiny_loso["mitigations"]["baseline"]["summary"]
+    assert block["mitigation"] == "baseline" and block["worst_source"] == "tbx11k"
+    assert block["worst_source_tb_sensitivity"] == summary["worst_source_tuberculosis_sensitivity"] is not None
+    assert set(block["per_source"]) == {"tbx11k"}  # held-out folds only, not the all-sources run
+    assert block["folds_not_run"] == []
+    stopped = {**tiny_loso, "folds": ["tbx11k", "all-sources", "tbdb"]}  # a run stopped before its tbdb fold
+    path.write_text(json.dumps(stopped, default=float))
+    assert loso_block(path)["folds_not_run"] == ["tbdb"] and "not run**: tbdb" in "\n".join(loso_markdown(loso_block(path)))
+    write_markdown(stopped, tmp_path / "stopped.md")
+    assert "**Not run**" in (tmp_path / "stopped.md").read_text() and "tbdb" in (tmp_path / "stopped.md").read_text()
+    path.write_text(json.dumps({**tiny_loso, "recipe": {"config": "configs/train/hog_logreg.yaml", "overrides": ["epochs=8"]}},
+                               default=float))
+    block = loso_block(path)
+    tbx = block["per_source"]["tbx11k"]
+    assert tbx["tb_sensitivity"] == block["worst_source_tb_sensitivity"] and tbx["counts"]["tuberculosis"] > 0
+    text = "\n".join(loso_markdown(block))
+    assert "tbx11k" in text and "epochs=8" in text and "hog_logreg.yaml" in text
+    # a LOSO report of another family gives this bundle no headline
+    assert _same_family(block, {"name": "hog_logreg", "training_mode": "classical"}) == block
+    other = _same_family(block, {"name": "efficientnet_lite0", "training_mode": "finetune"})
+    assert other["worst_source_tb_sensitivity"] is None and "efficientnet_lite0-finetune" in other["reason"]
+    missing = loso_block(tmp_path / "absent.json")
+    assert missing["worst_source_tb_sensitivity"] is None and "LOSO" in missing["reason"]
 
 
 def test_fold_filters_and_held_out_sets(dataset):

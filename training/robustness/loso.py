@@ -195,12 +195,18 @@ def choose_winner(results: dict[str, dict[str, Any]], mitigations: dict[str, Mit
 
 
 def run_loso(base: TrainConfig, data_dir: Path, settings: RobustnessConfig, mitigation_names: list[str],
-             fold_names: list[str] | None, runs_dir: Path, on_fold: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Every requested mitigation x fold; returns the report document."""
+             fold_names: list[str] | None, runs_dir: Path, on_fold: Callable[[dict], None] | None = None,
+             recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every requested mitigation x fold; returns the report document.
+
+    ``recipe`` (the family config file and its command-line overrides) goes into the report as is, so
+    a reader sees when the folds were trained on a shorter schedule than the shipped model.
+    """
     dataset = open_dataset(data_dir, base.exclusions)
     folds: list[FoldSpec | None] = ([None] if settings.loso.include_all_sources else []) + list(settings.loso.folds)
     if fold_names:
-        folds = [f for f in folds if fold_name(f) in fold_names]
+        # in the order asked for: the fold a person most needs (the product's own source) can go first
+        folds = sorted((f for f in folds if fold_name(f) in fold_names), key=lambda f: fold_names.index(fold_name(f)))
         missing = set(fold_names) - {fold_name(f) for f in folds}
         if missing:
             raise ValueError(f"unknown folds {sorted(missing)}; configured: {[fold_name(f) for f in folds]}")
@@ -208,6 +214,8 @@ def run_loso(base: TrainConfig, data_dir: Path, settings: RobustnessConfig, miti
     folds = [f for f in folds if f is None or f.holdout in sources]
     document: dict[str, Any] = {
         "family": base.family, "data_dir": str(data_dir), "created_at": utc_now(), "git_commit": git_commit(),
+        "recipe": recipe or {}, "schedule": {"epochs": getattr(base, "epochs", None),
+                                             "samples_per_epoch": getattr(base, "samples_per_epoch", None)},
         "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
         "age_rule": AGE_RULE,
         "folds": [fold_name(f) for f in folds],
@@ -279,6 +287,8 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
         "",
         f"Protocol: {document['protocol']}",
         "",
+        *([f"Recipe: `{document['recipe'].get('config')}` with overrides "
+           f"`{' '.join(document['recipe'].get('overrides') or []) or 'none'}`.", ""] if document.get("recipe") else []),
         f"Age groups: {document['age_rule']}",
         "",
         f"## Mitigations compared (worst held-out source; {target} at the policy thresholds)",
@@ -340,6 +350,9 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
             ["fold", "tested on", f"{target} sens [95% CI]", f"{target} spec", f"{target} AUC",
              f"same-pop {target} AUC", "pneumonia sens", "pneumonia AUC", "normal kept", "thresholds TB / pneu",
              "in-dist test macro AUC"], per_fold)
+        not_run = [f for f in document.get("folds", []) if f not in {fold["fold"] for fold in entry["folds"]}]
+        if not_run:  # a run stopped early: its summary covers only the folds above
+            lines += ["", f"**Not run** (no result; the worst-source figures cover only the rows above): {', '.join(not_run)}"]
         notes = [f"- {fold['fold']}: {fold['note']}" for fold in entry["folds"] if fold.get("note")]
         if notes and name == next(iter(document["mitigations"])):
             lines += ["", *notes]
@@ -373,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="loso", help="report file stem (<out>/<name>.json, .md)")
     parser.add_argument("--robustness", type=Path, default=DEFAULT_CONFIG_PATH, help="robustness settings (YAML)")
     parser.add_argument("--mitigations", default="", help="comma list (default: every configured mitigation)")
-    parser.add_argument("--folds", default="", help=f"comma list of held-out sources and/or {ALL_SOURCES} (default: all)")
+    parser.add_argument("--folds", default="", help=f"comma list of held-out sources and/or {ALL_SOURCES}, run in this order (default: all)")
     parser.add_argument("--runs", type=Path, default=Path("runs/robustness/loso"), help="where the trained runs go")
     parser.add_argument("--resummarize", action="store_true",
                         help="recompute summaries, objective and winner of an existing <out>/<name>.json; no training")
@@ -397,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         document = resummarize(json.loads(json_path.read_text()), settings, base.policy.floors)
     else:
         document = run_loso(base, args.data_dir, settings, names, [f for f in args.folds.split(",") if f] or None,
-                            args.runs, on_fold=save)
+                            args.runs, on_fold=save, recipe={"config": str(args.config), "overrides": args.overrides})
     save(document)
     for name, entry in document["mitigations"].items():
         s = entry.get("summary", {})
