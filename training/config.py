@@ -119,4 +119,10 @@ class TrainConfig(YamlConfig):
     @property
     def family(self) -> str:
         """Model family name as reported (e.g. efficientnet_lite0-probe)."""
-        return self.model if self.mode in ("scratch", "classical") else f"{self.model}-{self.mode}"
+        return family_name(self.model, self.mode)
+
+
+def family_name(model: str, mode: str | None) -> str:
+    """The family a model is reported under: the model alone when trained from scratch or classical,
+    else model-mode (efficientnet_lite0-finetune). One rule for training configs and bundles."""
+    return model if mode in (None, "scratch", "classical") else f"{model}-{mode}"

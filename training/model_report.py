@@ -46,6 +46,7 @@ from cxr_core.calibration import expected_calibration_error
 from cxr_core.errors import InputError
 from cxr_core.preprocess import prepare_image
 from cxr_core.reporting import fmt, markdown_table
+from training.config import family_name
 from training.data import ImageRecord, default_data_dir
 from training.datasets import open_dataset, sample_per_class
 from training.provenance import git_commit, utc_now
@@ -279,8 +280,7 @@ def _same_family(loso: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     """A LOSO report of another family says nothing about this bundle: keep it visible, drop its headline."""
     if loso.get("reason"):
         return loso
-    mode = model.get("training_mode")
-    family = model.get("name") if mode in (None, "scratch", "classical") else f"{model.get('name')}-{mode}"
+    family = family_name(model.get("name", "?"), model.get("training_mode"))
     if loso.get("family") != family:
         return {**loso, "worst_source_tb_sensitivity": None, "worst_source_tb_sensitivity_of_report": loso[
             "worst_source_tb_sensitivity"], "reason": f"the LOSO report is of {loso.get('family')}, the bundle is {family}"}
